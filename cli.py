@@ -1,0 +1,232 @@
+"""The `mpbatch` command line: parse options, call the pipeline, print one-line errors."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline import __version__
+from pipeline.optimize import PRESETS
+
+PERTURBATIONS = ("blur-median", "blur", "constant")
+
+
+def _user_errors(function):
+    """Turn the pipeline's user-facing exceptions into one line on stderr and exit 2."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        from pipeline.datasets import DatasetError
+        from pipeline.models import ModelError
+        from pipeline.store import StoreError
+
+        try:
+            return function(*args, **kwargs)
+        except (DatasetError, ModelError, StoreError, ValueError, RuntimeError) as error:
+            click.echo(f"mpbatch: error: {error}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _evaluation_options(function):
+    """Options shared by `run` and `evaluate`: the scoring protocol (DESIGN §4)."""
+    options = [
+        click.option(
+            "--step",
+            type=int,
+            default=224,
+            show_default=True,
+            help="Pixels changed per deletion/insertion step.",
+        ),
+        click.option(
+            "--tolerance",
+            type=float,
+            default=15.0,
+            show_default=True,
+            help="Pointing-game tolerance in pixels of the original image.",
+        ),
+        click.option(
+            "--eval-batch-size",
+            type=int,
+            default=128,
+            show_default=True,
+            help="Step images scored per forward pass.",
+        ),
+        click.option(
+            "--baselines",
+            default="center,random",
+            show_default=True,
+            help="Baselines scored beside the method (comma-separated; 'none').",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _eval_options(step, tolerance, eval_batch_size, baselines):
+    from pipeline.runner import EvalOptions
+
+    names = tuple(b for b in baselines.split(",") if b and b != "none")
+    return EvalOptions(
+        step=step, tolerance=tolerance, eval_batch_size=eval_batch_size, baselines=names
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", package_name="mpbatch", prog_name="mpbatch")
+def main() -> None:
+    """mpbatch: meaningful-perturbation saliency masks for whole image datasets.
+
+    Masks are optimised in batches on the GPU (or CPU), saved to HDF5 and tabulated with
+    pandas. Start with `mpbatch run DATA -o OUT`, then `mpbatch show OUT -o FIGURES`.
+    """
+
+
+@main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option(
+    "--model",
+    default="efficientnet_lite0",
+    show_default=True,
+    help="efficientnet_lite0, a torchvision name (vgg19, resnet50, ...), "
+    "timm:NAME, or module.path:function.",
+)
+@click.option("--weights", default=None, help="Weights file (state dict) for the model.")
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default="seed",
+    show_default=True,
+    help="Hyperparameter preset; the options below override it.",
+)
+@click.option("--iterations", type=int, help="Optimisation steps per mask.")
+@click.option("--lr", type=float, help="Adam learning rate.")
+@click.option("--l1", type=float, help="Weight of the area term |1 - m|.")
+@click.option("--tv", type=float, help="Weight of the total-variation term.")
+@click.option("--tv-beta", type=float, help="Exponent β of the total-variation term.")
+@click.option("--mask-size", type=int, help="Mask resolution (square).")
+@click.option("--noise", type=float, help="Std of the noise added each step (normalised space).")
+@click.option("--perturbation", type=click.Choice(PERTURBATIONS), help="Perturbation substrate.")
+@click.option("--blur-sigma", type=float, help="Sigma of the Gaussian blur substrate.")
+@click.option("--seed", type=int, help="Run seed; each image's noise is seeded by it and its path.")
+@click.option(
+    "--target",
+    type=click.Choice(["label", "predicted"]),
+    default="label",
+    show_default=True,
+    help="Explain the ground-truth class (where known) or the top-1.",
+)
+@click.option("--size", type=int, default=224, show_default=True, help="Input size (square).")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="DataLoader workers.")
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option("--limit", type=int, default=None, help="Process only the first N images.")
+@click.option(
+    "--labels-csv",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="LOC_val_solution.csv (default: found in or next to DATA).",
+)
+@click.option(
+    "--synset-mapping",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="LOC_synset_mapping.txt (default: found in or next to DATA).",
+)
+@click.option(
+    "--boxes",
+    "boxes_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder of per-image box XMLs (ILSVRC / PASCAL VOC style).",
+)
+@click.option(
+    "--metrics/--no-metrics",
+    default=True,
+    show_default=True,
+    help="Score the masks (deletion, insertion, pointing game) as they are made.",
+)
+@_evaluation_options
+@click.option("--overwrite", is_flag=True, help="Start over instead of resuming OUT.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def run(
+    data,
+    out,
+    model,
+    weights,
+    preset,
+    target,
+    size,
+    batch_size,
+    workers,
+    device,
+    limit,
+    labels_csv,
+    synset_mapping,
+    boxes_dir,
+    metrics,
+    step,
+    tolerance,
+    eval_batch_size,
+    baselines,
+    overwrite,
+    quiet,
+    **mask_options,
+) -> None:
+    """Learn a mask for every image of DATA and write OUT/masks.h5 and OUT/report.csv."""
+    from pipeline.runner import RunOptions, describe
+    from pipeline.runner import run as run_pipeline
+
+    options = RunOptions(
+        data=data,
+        out=out,
+        model=model,
+        weights=weights,
+        preset=preset,
+        overrides={k: v for k, v in mask_options.items() if v is not None},
+        size=size,
+        target=target,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        limit=limit,
+        labels_csv=labels_csv,
+        synset_mapping=synset_mapping,
+        boxes_dir=boxes_dir,
+        overwrite=overwrite,
+        progress=not quiet,
+        evaluation=_eval_options(step, tolerance, eval_batch_size, baselines) if metrics else None,
+    )
+    click.echo(describe(run_pipeline(options)))
+
+
+@main.command()
+@click.argument("out", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "-o",
+    "--dest",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder for the PNG figures.",
+)
+@click.option("--limit", type=int, default=None, help="Draw only the first N images.")
+@_user_errors
+def show(out, dest, limit) -> None:
+    """Draw image, perturbed image and saliency for each image of a run in OUT."""
+    from pipeline.runner import render_figures
+
+    written = render_figures(out, dest, limit=limit)
+    click.echo(f"{len(written)} figures written to {dest}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,613 @@
+"""Dataset layouts, ImageNet labels and boxes, image decoding, the Dataset, and sharding.
+
+`discover` turns a folder into a sorted list of `Sample` records (relative path, class index,
+boxes in original-image pixels). `ImageFolderDataset` decodes and resizes them in DataLoader
+workers and reports a bad file as a failed item instead of raising, so one broken image never
+stops a run. `shard_range` gives each process of a multi-GPU or array job its own contiguous,
+disjoint slice.
+
+Class indices are always the torchvision/timm ones: the position of a wnid in the sorted list
+of the 1000 ImageNet-1k wnids.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import os
+import pkgutil
+import re
+import warnings
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+# Decoded images above this many pixels are reduced (JPEG: DCT-domain draft at 1/2, 1/4 or
+# 1/8 scale while decoding; other formats: box reduction after decoding) before becoming a
+# float tensor. 4096² is larger than any ImageNet image and keeps a float copy under 200 MB.
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+LOC_CSV_NAME = "LOC_val_solution.csv"
+SYNSET_MAPPING_NAME = "LOC_synset_mapping.txt"
+
+_WNID_RE = re.compile(r"^n\d{8}$")
+_TIMM_INFO = ("data", "_info")
+
+
+class DatasetError(Exception):
+    """A one-line, user-facing error naming the file and the reason."""
+
+
+class ImageDecodeError(Exception):
+    """An image could not be decoded; `reason` is one line, without the path."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Box:
+    """A bounding box in pixels of the original image, with its class index (0..999)."""
+
+    class_index: int
+    xmin: float
+    ymin: float
+    xmax: float
+    ymax: float
+
+
+@dataclass
+class Sample:
+    """One image: path relative to the data root (POSIX), class index (-1 if unknown), boxes."""
+
+    path: str
+    label: int
+    boxes: tuple[Box, ...] = field(default_factory=tuple)
+    width: int | None = None
+    height: int | None = None
+
+
+# --------------------------------------------------------------------------- ImageNet classes
+
+
+def _read_timm_info(name: str) -> str:
+    """Text of a file bundled in timm's `data/_info` folder, read without importing timm."""
+    spec = importlib.util.find_spec("timm")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidate = Path(location, *_TIMM_INFO, name)
+            if candidate.is_file():
+                return candidate.read_text(encoding="utf-8")
+    try:  # zipped or otherwise unusual installs
+        data = pkgutil.get_data("timm.data", f"_info/{name}")
+    except (ImportError, OSError):
+        data = None
+    if data is None:
+        raise RuntimeError(
+            f"timm's bundled ImageNet class list ({name}) was not found; install timm >= 0.9"
+        )
+    return data.decode("utf-8")
+
+
+@lru_cache(maxsize=1)
+def _wnids() -> tuple[str, ...]:
+    wnids = tuple(line.strip() for line in _read_timm_info("imagenet_synsets.txt").splitlines())
+    wnids = tuple(w for w in wnids if w)
+    if len(wnids) != 1000 or list(wnids) != sorted(wnids) or len(set(wnids)) != 1000:
+        raise RuntimeError("timm's imagenet_synsets.txt is not the sorted list of 1000 wnids")
+    return wnids
+
+
+@lru_cache(maxsize=1)
+def _wnid_index() -> dict[str, int]:
+    return {wnid: i for i, wnid in enumerate(_wnids())}
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k wnids, sorted; position k is class index k of torchvision/timm."""
+    return list(_wnids())
+
+
+def imagenet_class_names() -> list[str]:
+    """1000 human-readable class names (first WordNet lemma, e.g. 'tench'), in class order."""
+    lemmas: dict[str, str] = {}
+    for line in _read_timm_info("imagenet_synset_to_lemma.txt").splitlines():
+        wnid, _, text = line.partition("\t")
+        lemmas[wnid] = text
+    return [lemmas.get(w, w).split(",")[0].strip() for w in _wnids()]
+
+
+def wnid_to_index(wnid: str) -> int:
+    """Class index (0..999) of an ImageNet-1k wnid; KeyError if it is not one of them."""
+    return _wnid_index()[wnid]
+
+
+def read_synset_mapping(path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Parse LOC_synset_mapping.txt ("wnid name, name2, ..." per line).
+
+    Returns (wnids, names) in file order; each name is the whole text after the wnid.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read synset mapping ({_one_line(exc)})") from None
+    wnids: list[str] = []
+    names: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        wnid, _, name = line.strip().partition(" ")
+        if not _WNID_RE.match(wnid):
+            raise DatasetError(f"{path}: line {number} does not start with a wnid: {line[:60]!r}")
+        wnids.append(wnid)
+        names.append(name.strip())
+    return wnids, names
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def discover(
+    root: str | os.PathLike,
+    *,
+    labels_csv: str | os.PathLike | None = None,
+    synset_mapping: str | os.PathLike | None = None,
+    boxes_dir: str | os.PathLike | None = None,
+    ground_truth_txt: str | os.PathLike | None = None,
+) -> tuple[list[Sample], str]:
+    """Find every image under `root` and its label/boxes.
+
+    Returns (samples sorted by path, layout name). Layout names: "class_folders" (root/<wnid>/),
+    "loc_csv" (labels from LOC_val_solution.csv), "voc_xml" (labels from box XMLs only) or
+    "unlabelled"; "+voc_xml" is appended when XML boxes were added to the first two.
+    Raises DatasetError for anything that would make labels or boxes wrong.
+    """
+    root = Path(root)
+    if ground_truth_txt is not None:
+        raise DatasetError(
+            f"{ground_truth_txt}: ILSVRC2012_validation_ground_truth.txt holds 1-based devkit "
+            "class IDs in meta.mat order, which are not the torchvision/timm class indices, and "
+            "mpbatch does not map them; use LOC_val_solution.csv (labels_csv) or class folders "
+            "(root/<wnid>/*.JPEG) instead"
+        )
+    if not root.exists():
+        raise DatasetError(f"{root}: no such directory")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a directory")
+
+    paths = _find_images(root)
+    if not paths:
+        raise DatasetError(f"no images found in {root}")
+    samples = [Sample(path=p, label=-1, boxes=()) for p in paths]
+
+    class_folders = [
+        d.name for d in _list_dir(root) if d.is_dir() and _WNID_RE.match(d.name) is not None
+    ]
+    if class_folders:
+        layout = "class_folders"
+        _label_from_folders(root, samples)
+    else:
+        layout = "unlabelled"
+
+    csv_path = _resolve_option(labels_csv, "labels_csv")
+    if csv_path is None and layout != "class_folders":
+        csv_path = _find_near(LOC_CSV_NAME, root)
+    mapping_path = _resolve_option(synset_mapping, "synset_mapping")
+    if mapping_path is None and csv_path is not None:
+        mapping_path = _find_near(SYNSET_MAPPING_NAME, csv_path.parent, root)
+    if mapping_path is not None:
+        wnids, _ = read_synset_mapping(mapping_path)
+        if wnids != imagenet_wnids():
+            raise DatasetError(
+                f"{mapping_path}: wnid order differs from the sorted 1000 ImageNet wnids "
+                "(torchvision/timm class indices); labels would be wrong"
+            )
+    if csv_path is not None:
+        _apply_loc_csv(root, csv_path, samples)
+        if layout == "unlabelled":
+            layout = "loc_csv"
+
+    xml_dir = _resolve_option(boxes_dir, "boxes_dir", want_dir=True)
+    if xml_dir is not None:
+        _apply_xml_boxes(xml_dir, samples)
+        layout = "voc_xml" if layout == "unlabelled" else f"{layout}+voc_xml"
+    return samples, layout
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _list_dir(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if not p.name.startswith("."))
+
+
+def _find_images(root: Path) -> list[str]:
+    """Relative POSIX paths of image files under root (recursive, following directory
+    symlinks once, skipping hidden entries), sorted. Broken files and dangling links count."""
+    found: list[str] = []
+    seen_dirs: set[str] = set()
+
+    def unreadable(exc: OSError) -> None:
+        raise DatasetError(f"{exc.filename}: cannot list folder ({exc.strerror or exc})")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:  # a symlink loop or the same folder linked twice
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            found.append(Path(rel).as_posix())
+    return sorted(found)
+
+
+def _label_from_folders(root: Path, samples: list[Sample]) -> None:
+    index = _wnid_index()
+    for sample in samples:
+        top, sep, _ = sample.path.partition("/")
+        if not sep:
+            raise DatasetError(
+                f"{root / sample.path}: image directly in the root of a class-folder dataset "
+                "(expected root/<wnid>/<image>)"
+            )
+        if top not in index:
+            raise DatasetError(
+                f"{root / top}: folder name is not one of the 1000 ImageNet wnids "
+                "(class folders must be named like n01440764)"
+            )
+        sample.label = index[top]
+
+
+def _resolve_option(value, option: str, want_dir: bool = False) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value)
+    ok = path.is_dir() if want_dir else path.is_file()
+    if not ok:
+        kind = "directory" if want_dir else "file"
+        raise DatasetError(f"{path}: {option} is not an existing {kind}")
+    return path
+
+
+def _find_near(name: str, *folders: Path) -> Path | None:
+    """First file `name` in the given folders, then in their parents (next to DATA)."""
+    candidates = [*folders, *(f.resolve().parent for f in folders)]
+    for folder in candidates:
+        path = folder / name
+        if path.is_file():
+            return path
+    return None
+
+
+def _parse_boxes(tokens: list[str], where: str) -> tuple[Box, ...]:
+    if len(tokens) % 5:
+        raise DatasetError(f"{where}: box list has {len(tokens)} fields, not a multiple of 5")
+    index = _wnid_index()
+    boxes = []
+    for k in range(0, len(tokens), 5):
+        wnid = tokens[k]
+        if wnid not in index:
+            raise DatasetError(f"{where}: unknown wnid {wnid!r} (not an ImageNet-1k class)")
+        boxes.append(_make_box(index[wnid], tokens[k + 1 : k + 5], where))
+    return tuple(boxes)
+
+
+def _make_box(class_index: int, coords: Sequence[str | None], where: str) -> Box:
+    try:
+        xmin, ymin, xmax, ymax = (float(c) for c in coords)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise DatasetError(f"{where}: bad box coordinates {list(coords)}") from None
+    if not all(math.isfinite(v) for v in (xmin, ymin, xmax, ymax)) or xmax < xmin or ymax < ymin:
+        raise DatasetError(f"{where}: bad box coordinates {[xmin, ymin, xmax, ymax]}")
+    return Box(class_index, xmin, ymin, xmax, ymax)
+
+
+def _by_stem(samples: list[Sample]) -> dict[str, list[Sample]]:
+    table: dict[str, list[Sample]] = {}
+    for sample in samples:
+        name = sample.path.rsplit("/", 1)[-1]
+        table.setdefault(name.rsplit(".", 1)[0], []).append(sample)
+        table.setdefault(name, []).append(sample)
+    return table
+
+
+def _apply_loc_csv(root: Path, csv_path: Path, samples: list[Sample]) -> None:
+    """Labels and boxes from a Kaggle LOC_val_solution.csv, matched by image file stem."""
+    table = _by_stem(samples)
+    seen: set[str] = set()
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
+                raise DatasetError(f"{csv_path}: expected the header 'ImageId,PredictionString'")
+            for number, row in enumerate(reader, start=2):
+                if not row or not any(cell.strip() for cell in row):
+                    continue
+                where = f"{csv_path} line {number}"
+                if len(row) < 2:
+                    raise DatasetError(f"{where}: expected 'ImageId,PredictionString'")
+                image_id = row[0].strip()
+                if image_id in seen:
+                    raise DatasetError(f"{where}: image {image_id!r} appears twice")
+                seen.add(image_id)
+                boxes = _parse_boxes(row[1].split(), where)
+                matches = table.get(image_id, [])
+                if not matches:
+                    raise DatasetError(
+                        f"{where}: image {image_id!r} not found under {root} "
+                        "(the csv must describe the images of this folder)"
+                    )
+                if len(matches) > 1:
+                    raise DatasetError(
+                        f"{where}: image {image_id!r} matches several files: "
+                        + ", ".join(s.path for s in matches[:3])
+                    )
+                sample = matches[0]
+                if boxes:
+                    _set_label(sample, boxes[0].class_index, where)
+                sample.boxes = boxes
+    except OSError as exc:
+        raise DatasetError(f"{csv_path}: cannot read ({_one_line(exc)})") from None
+    except csv.Error as exc:
+        raise DatasetError(f"{csv_path}: malformed csv ({_one_line(exc)})") from None
+
+
+def _set_label(sample: Sample, label: int, where: str) -> None:
+    if sample.label == -1:
+        sample.label = label
+    elif sample.label != label:
+        raise DatasetError(
+            f"{where}: class {label} disagrees with the label {sample.label} of {sample.path}"
+        )
+
+
+def _apply_xml_boxes(xml_dir: Path, samples: list[Sample]) -> None:
+    """Boxes, size and (if missing) label from one VOC/ILSVRC XML per image, matched by stem.
+    XMLs are searched recursively (train annotations live in per-wnid folders); images
+    without an XML keep what they had."""
+    xmls: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(xml_dir, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.lower().endswith(".xml"):
+                xmls.setdefault(name[:-4], Path(dirpath, name))
+    for sample in samples:
+        stem = sample.path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        xml_path = xmls.get(stem)
+        if xml_path is None:
+            continue
+        boxes, width, height = parse_voc_xml(xml_path)
+        if boxes:
+            _set_label(sample, boxes[0].class_index, str(xml_path))
+        sample.boxes = boxes
+        sample.width, sample.height = width, height
+
+
+def parse_voc_xml(path: str | os.PathLike) -> tuple[tuple[Box, ...], int, int]:
+    """Read an ILSVRC/PASCAL VOC annotation: (boxes, width, height) in original pixels."""
+    path = Path(path)
+    try:
+        tree = ET.parse(path)
+    except ET.ParseError as exc:
+        raise DatasetError(f"{path}: malformed XML ({_one_line(exc)})") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read ({_one_line(exc)})") from None
+    node = tree.getroot()
+    if node.tag != "annotation":
+        raise DatasetError(f"{path}: malformed annotation (root element is <{node.tag}>)")
+
+    def integer(text: str | None, what: str) -> int:
+        try:
+            value = int(float((text or "").strip()))
+        except ValueError:
+            raise DatasetError(f"{path}: malformed annotation (bad {what} {text!r})") from None
+        if value < 1:
+            raise DatasetError(f"{path}: malformed annotation ({what} {value} < 1)")
+        return value
+
+    width = integer(node.findtext("size/width"), "size/width")
+    height = integer(node.findtext("size/height"), "size/height")
+    index = _wnid_index()
+    boxes = []
+    for obj in node.findall("object"):
+        wnid = (obj.findtext("name") or "").strip()
+        if wnid not in index:
+            raise DatasetError(f"{path}: unknown wnid {wnid!r} in <object><name>")
+        coords = [obj.findtext(f"bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")]
+        boxes.append(_make_box(index[wnid], coords, f"{path}: malformed annotation"))
+    return tuple(boxes), width, height
+
+
+# --------------------------------------------------------------------------- decoding
+
+_ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
+
+
+def decode_image(
+    path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[torch.Tensor, int, int]:
+    """Open an image file as RGB float32 3×H×W in [0, 1]; returns (tensor, width, height).
+
+    Greyscale is repeated to 3 channels, CMYK/YCbCr/palette are converted, 16-bit data is
+    scaled from [0, 65535], and alpha (also palette/tRNS transparency) is composited over
+    white. ICC profiles and EXIF orientation are ignored (pixels as stored, which is what
+    ImageNet boxes refer to); multi-frame files give their first frame. Images larger than
+    `max_pixels` come back reduced (JPEG by DCT scaling while decoding, so a 12000×9000 photo
+    never exists at full size in memory); width/height are always the ORIGINAL size. Images
+    beyond PIL's decompression-bomb limit are refused. Raises ImageDecodeError on failure.
+    """
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        raise ImageDecodeError("dangling symlink" if os.path.islink(name) else "file not found")
+    if os.path.isdir(name):
+        raise ImageDecodeError("is a directory, not an image file")
+    try:
+        if os.path.getsize(name) == 0:
+            raise ImageDecodeError("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bomb warnings, odd EXIF, palette transparency
+            with Image.open(name) as img:
+                width, height = img.size
+                if width < 1 or height < 1:
+                    raise ImageDecodeError(f"invalid image size {width}x{height}")
+                rgb = _to_rgb(img, max_pixels)
+    except ImageDecodeError:
+        raise
+    except PermissionError:
+        raise ImageDecodeError("permission denied") from None
+    except Image.DecompressionBombError:
+        raise ImageDecodeError(
+            "image too large (over PIL's decompression-bomb limit of "
+            f"{2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels)"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(
+            "not a recognised image (unknown format or corrupt header)"
+        ) from None
+    except MemoryError:
+        raise ImageDecodeError("out of memory while decoding") from None
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ...
+        raise ImageDecodeError(f"cannot decode ({type(exc).__name__}: {_one_line(exc)})") from None
+    array = np.array(rgb, dtype=np.uint8)  # H×W×3, writable copy
+    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return tensor.to(torch.float32).div_(255.0), width, height
+
+
+def _to_rgb(img: Image.Image, max_pixels: int) -> Image.Image:
+    """Decode `img` (lazy PIL image) into an 8-bit RGB image of at most ~max_pixels."""
+    width, height = img.size
+    if img.format == "JPEG" and width * height > max_pixels:
+        factor = 1
+        while factor < 8 and (width // factor) * (height // factor) > max_pixels:
+            factor *= 2
+        img.draft(None, (max(1, width // factor), max(1, height // factor)))
+    img.load()
+    mode = img.mode
+    if mode.startswith("I") or mode == "F":
+        img = _high_bit_depth_to_l(img)
+    elif mode == "P" or (mode in ("L", "RGB") and "transparency" in img.info):
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    pixels = img.size[0] * img.size[1]
+    if pixels > max_pixels:
+        img = img.reduce(math.ceil(math.sqrt(pixels / max_pixels)))
+    return img
+
+
+def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
+    """16/32-bit integer greyscale (assumed range 0..65535) or float (assumed 0..1) → 8-bit L."""
+    array = np.asarray(img)
+    if img.mode == "F":
+        scaled = np.clip(array.astype(np.float64), 0.0, 1.0) * 255.0
+    else:
+        scaled = np.clip(array.astype(np.float64), 0.0, 65535.0) * (255.0 / 65535.0)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+
+
+def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize 3×H×W (or B×3×H×W) in [0,1] to size×size: bilinear with antialiasing, aspect
+    ratio ignored (this project's ImageNet evaluation convention)."""
+    batched = image.dim() == 4
+    x = image if batched else image.unsqueeze(0)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+        x = x.clamp_(0.0, 1.0)
+    return x if batched else x.squeeze(0)
+
+
+# --------------------------------------------------------------------------- Dataset, shards
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Decoded, resized images of `samples` (optionally only those at `indices`).
+
+    Item i is a dict: "index" (position in `samples`), "image" (float32 3×size×size in [0,1],
+    zeros on failure), "width"/"height" (original size, 0 on failure), "ok" (bool) and
+    "error" ("" or the one-line reason). A bad image never raises, so a batch survives it.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        samples: list[Sample],
+        size: int = 224,
+        indices: Sequence[int] | None = None,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"size must be positive, got {size}")
+        self.root = os.fspath(root)
+        self.samples = samples
+        self.size = int(size)
+        if indices is None:
+            self.indices: list[int] = list(range(len(samples)))
+        else:
+            self.indices = [int(i) for i in indices]
+            bad = [i for i in self.indices if not 0 <= i < len(samples)]
+            if bad:
+                raise IndexError(f"indices out of range for {len(samples)} samples: {bad[:5]}")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        index = self.indices[i]
+        path = os.path.join(self.root, *self.samples[index].path.split("/"))
+        try:
+            image, width, height = decode_image(path)
+            image = resize_image(image, self.size)
+            ok, error = True, ""
+        except ImageDecodeError as exc:
+            image = torch.zeros(3, self.size, self.size)
+            width = height = 0
+            ok, error = False, exc.reason
+        return {
+            "index": index,
+            "image": image,
+            "width": width,
+            "height": height,
+            "ok": ok,
+            "error": error,
+        }
+
+
+def shard_range(n: int, rank: int, world: int) -> range:
+    """Contiguous, disjoint slice of range(n) for shard `rank` of `world`.
+
+    Sizes differ by at most one (the first n % world shards get the extra item); no padding,
+    so shards may be empty when n < world.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if world < 1:
+        raise ValueError(f"world size must be >= 1, got {world}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))

@@ -1,0 +1,443 @@
+"""Orchestration of `mpbatch run`: discover → load → classify → optimise → store → report.
+
+This is the only module that ties file I/O to the algorithms; the algorithm modules take and
+return tensors.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .datasets import DatasetError, ImageFolderDataset, Sample, discover, resize_image
+from .metrics import (
+    BASELINES,
+    CurveProtocol,
+    baseline_saliency,
+    box_coverage,
+    center_points,
+    score_saliency,
+)
+from .models import NormalizedClassifier, load_model
+from .optimize import PRESETS, MaskSettings, image_seed, optimize_masks, upsample_masks
+from .perturbations import make_substrate
+from .report import write_failures_csv, write_report_csv
+from .store import MaskStore, read_columns
+
+MASKS_FILE = "masks.h5"
+REPORT_FILE = "report.csv"
+FAILURES_FILE = "failures.csv"
+
+# Settings that decide what the output contains: a resumed run must use the same ones.
+RESULT_KEYS = [
+    "data",
+    "model",
+    "weights",
+    "size",
+    "target",
+    "limit",
+    "mask",
+    "layout",
+    "evaluation",
+]
+
+
+@dataclass
+class EvalOptions:
+    """How masks are scored (DESIGN §4); None in RunOptions.evaluation skips scoring."""
+
+    step: int = 224
+    tolerance: float = 15.0
+    eval_batch_size: int = 128
+    baselines: tuple[str, ...] = BASELINES
+    seed: int = 0  # of the random baseline
+
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.baselines if b not in BASELINES]
+        if unknown:
+            raise ValueError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}")
+
+    def protocol(self) -> CurveProtocol:
+        return CurveProtocol(step=self.step)
+
+    def describe(self) -> dict:
+        """The protocol settings written into every mask file and summary."""
+        protocol = self.protocol()
+        return {
+            "deletion_insertion": protocol.describe(),
+            "step": protocol.step,
+            "blur_kernel": protocol.blur_kernel,
+            "blur_sigma": protocol.blur_sigma,
+            "pointing": (
+                "saliency resized to the original image size; argmax (first in raster order); "
+                f"hit when within {self.tolerance:g} px (Euclidean, strict <) of the union "
+                "of the target class's boxes; NaN without boxes"
+            ),
+            "tolerance": self.tolerance,
+            "small_object": "target boxes cover < 25% of the image",
+            "baselines": list(self.baselines),
+            "random_seed": self.seed,
+        }
+
+
+@dataclass
+class RunOptions:
+    """Everything `mpbatch run` needs; defaults match the CLI's."""
+
+    data: Path
+    out: Path
+    model: str = "efficientnet_lite0"
+    weights: str | None = None
+    preset: str = "seed"
+    overrides: dict = field(default_factory=dict)  # MaskSettings fields set on the CLI
+    size: int = 224
+    target: str = "label"  # "label" (ground truth where known, else top-1) or "predicted"
+    batch_size: int = 16
+    workers: int = 2
+    device: str = "auto"
+    limit: int | None = None
+    labels_csv: Path | None = None
+    synset_mapping: Path | None = None
+    boxes_dir: Path | None = None
+    overwrite: bool = False
+    progress: bool = True
+    evaluation: EvalOptions | None = field(default_factory=lambda: EvalOptions())
+
+    def mask_settings(self) -> MaskSettings:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        return PRESETS[self.preset].replace(**self.overrides)
+
+
+@dataclass
+class RunResult:
+    out: Path
+    processed: int  # images written by this invocation
+    failed: int  # images that failed in this invocation
+    total_rows: int  # rows in the mask file now
+    seconds: float
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' → cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything that can change a mask."""
+    import h5py
+    import timm
+    import torchvision
+
+    return {
+        "mpbatch": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+    }
+
+
+def run_config(options: RunOptions, layout: str, settings: MaskSettings) -> dict:
+    """The JSON-able record of every setting, stored in the mask file."""
+    return {
+        "data": str(Path(options.data).resolve()),
+        "model": options.model,
+        "weights": options.weights,
+        "preset": options.preset,
+        "mask": settings.to_dict(),
+        "size": options.size,
+        "target": options.target,
+        "limit": options.limit,
+        "layout": layout,
+        "evaluation": None if options.evaluation is None else options.evaluation.describe(),
+        "batch_size": options.batch_size,
+        "workers": options.workers,
+        "device": options.device,
+    }
+
+
+def check_labels(samples: list[Sample], num_classes: int, model_name: str) -> None:
+    """Labels must be classes of the model (e.g. ImageNet labels with a 10-class model fail)."""
+    for sample in samples:
+        if sample.label >= num_classes:
+            raise DatasetError(
+                f"{sample.path}: label {sample.label} is not one of the {num_classes} classes of "
+                f"{model_name}; use --target predicted to explain the top-1 class instead"
+            )
+
+
+def classify(model: NormalizedClassifier, images: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities B×C of clean images."""
+    with torch.inference_mode():
+        return model(images).float().softmax(dim=1)
+
+
+def choose_targets(labels: torch.Tensor, predictions: torch.Tensor, mode: str) -> torch.Tensor:
+    """The class each mask explains: the label where known (≥ 0) in "label" mode, else top-1."""
+    if mode == "predicted":
+        return predictions
+    if mode != "label":
+        raise ValueError(f"unknown target mode {mode!r}")
+    return torch.where(labels >= 0, labels, predictions)
+
+
+def explain_batch(
+    model: NormalizedClassifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    keys: list[str],
+    settings: MaskSettings,
+    target_mode: str,
+) -> dict[str, np.ndarray]:
+    """Classify and mask one batch; returns the per-image columns of the mask file."""
+    probs = classify(model, images)
+    predictions = probs.argmax(dim=1)
+    targets = choose_targets(labels, predictions, target_mode)
+    substrate = make_substrate(
+        images,
+        settings.perturbation,
+        blur_sigma=settings.blur_sigma,
+        blur_kernel=settings.blur_kernel,
+        mean_colour=model.mean,
+    )
+    seeds = [image_seed(settings.seed, key) for key in keys]
+    result = optimize_masks(model, images, targets, seeds, settings, substrate=substrate)
+    masks = result.masks[:, 0]
+    return {
+        "masks": masks.cpu().numpy().astype(np.float32),
+        "label": labels.cpu().numpy().astype(np.int64),
+        "target": targets.cpu().numpy().astype(np.int64),
+        "pred": predictions.cpu().numpy().astype(np.int64),
+        "prob_clean": probs.gather(1, targets.view(-1, 1))[:, 0].cpu().numpy(),
+        "prob_masked": result.prob_masked.float().cpu().numpy(),
+        "loss": result.loss.float().cpu().numpy(),
+        "mask_area": (1.0 - masks).flatten(1).mean(1).cpu().numpy(),
+    }
+
+
+def _loader(dataset, options: RunOptions, device: torch.device):
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=options.batch_size,
+        shuffle=False,
+        num_workers=options.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def run(options: RunOptions) -> RunResult:
+    """Mask every image of options.data into options.out (resuming a previous run)."""
+    started = time.perf_counter()
+    settings = options.mask_settings()
+    samples, layout = discover(
+        options.data,
+        labels_csv=options.labels_csv,
+        synset_mapping=options.synset_mapping,
+        boxes_dir=options.boxes_dir,
+    )
+    if options.limit is not None:
+        samples = samples[: options.limit]
+    device = pick_device(options.device)
+    model = load_model(options.model, options.weights).to(device)
+    if options.target == "label":
+        check_labels(samples, len(model.class_names), options.model)
+
+    out = Path(options.out)
+    config = run_config(options, layout, settings)
+    config["normalization"] = {"mean": model.mean.tolist(), "std": model.std.tolist()}
+    store = MaskStore.open(
+        out / MASKS_FILE, config, versions(), compare_keys=RESULT_KEYS, overwrite=options.overwrite
+    )
+    processed = failed = 0
+    try:
+        start = store.next_position
+        remaining = range(start, len(samples))
+        if len(remaining):
+            dataset = ImageFolderDataset(options.data, samples, options.size, indices=remaining)
+            bar = tqdm(
+                total=len(samples),
+                initial=start,
+                unit="img",
+                desc="masks",
+                disable=not options.progress,
+                dynamic_ncols=True,
+            )
+            for batch in _loader(dataset, options, device):
+                written, failures = _process_batch(batch, samples, model, settings, options, store)
+                processed += written
+                failed += len(failures)
+                for _, path, reason in failures:
+                    bar.write(f"skipped {path}: {reason}")
+                bar.update(len(batch["index"]))
+            bar.close()
+        else:
+            print(f"{out / MASKS_FILE}: all {len(samples)} images already done", file=sys.stderr)
+        store.set_attrs(class_names=list(model.class_names))
+        total_rows = store.rows
+    finally:
+        store.close()
+    write_report_csv(out / MASKS_FILE, out / REPORT_FILE)
+    write_failures_csv(out / MASKS_FILE, out / FAILURES_FILE)
+    return RunResult(out, processed, failed, total_rows, time.perf_counter() - started)
+
+
+def _process_batch(
+    batch: dict,
+    samples: list[Sample],
+    model: NormalizedClassifier,
+    settings: MaskSettings,
+    options: RunOptions,
+    store: MaskStore,
+) -> tuple[int, list[tuple[int, str, str]]]:
+    positions = batch["index"].tolist()
+    ok = batch["ok"].tolist()
+    failures = [
+        (p, samples[p].path, batch["error"][i]) for i, p in enumerate(positions) if not ok[i]
+    ]
+    good = [i for i in range(len(positions)) if ok[i]]
+    columns: dict = {}
+    if good:
+        device = next(iter(model.buffers())).device
+        images = batch["image"][good].to(device, non_blocking=True)
+        labels = torch.tensor([samples[positions[i]].label for i in good], device=device)
+        keys = [samples[positions[i]].path for i in good]
+        columns = explain_batch(model, images, labels, keys, settings, options.target)
+        if options.evaluation is not None:
+            sizes = [(int(batch["width"][i]), int(batch["height"][i])) for i in good]
+            columns.update(
+                evaluate_batch(
+                    model,
+                    images,
+                    1.0 - torch.from_numpy(columns["masks"]).to(device),
+                    torch.from_numpy(columns["target"]).to(device),
+                    [samples[positions[i]] for i in good],
+                    sizes,
+                    options.evaluation,
+                )
+            )
+        columns["index"] = np.array([positions[i] for i in good], dtype=np.int64)
+        columns["path"] = keys
+        columns["width"] = batch["width"][good].numpy().astype(np.int64)
+        columns["height"] = batch["height"][good].numpy().astype(np.int64)
+    store.append(columns, failures, next_position=positions[-1] + 1)
+    return len(good), failures
+
+
+def target_boxes(sample: Sample, target: int) -> torch.Tensor | None:
+    """The boxes of the explained class as a K×4 tensor (xmin, ymin, xmax, ymax), or None."""
+    boxes = [(b.xmin, b.ymin, b.xmax, b.ymax) for b in sample.boxes if b.class_index == target]
+    return torch.tensor(boxes, dtype=torch.float64) if boxes else None
+
+
+def evaluate_batch(
+    model: NormalizedClassifier,
+    images: torch.Tensor,
+    saliency: torch.Tensor,
+    targets: torch.Tensor,
+    samples: list[Sample],
+    sizes: list[tuple[int, int]],
+    evaluation: EvalOptions,
+) -> dict[str, np.ndarray]:
+    """Metric columns for one batch: the saliency's, then each baseline's (prefixed).
+
+    saliency B×h×w (higher = more important); sizes (width, height) of the original images.
+    Baselines use the saliency's resolution (the random baseline is noise at the mask's
+    granularity); the centre baseline points at the image centre in the pointing game.
+    """
+    boxes = [target_boxes(s, int(t)) for s, t in zip(samples, targets.tolist(), strict=True)]
+    keys = [s.path for s in samples]
+    options = {
+        "protocol": evaluation.protocol(),
+        "tolerance": evaluation.tolerance,
+        "eval_batch_size": evaluation.eval_batch_size,
+    }
+    model_eval = model.eval()
+    columns = {
+        k: v.numpy()
+        for k, v in score_saliency(
+            model_eval, images, saliency, targets, boxes, sizes, **options
+        ).items()
+    }
+    coverage = box_coverage(boxes, sizes).numpy()
+    columns["box_coverage"] = coverage
+    columns["small_object"] = np.where(np.isnan(coverage), np.nan, coverage < 0.25)
+    for name in evaluation.baselines:
+        baseline = baseline_saliency(name, keys, tuple(saliency.shape[-2:]), evaluation.seed)
+        points = center_points(sizes) if name == "center" else None
+        scores = score_saliency(
+            model_eval,
+            images,
+            baseline.to(images.device),
+            targets,
+            boxes,
+            sizes,
+            points=points,
+            **options,
+        )
+        columns.update({f"{name}_{k}": v.numpy() for k, v in scores.items()})
+    return columns
+
+
+def describe(result: RunResult) -> str:
+    return (
+        f"{result.processed} masks written, {result.failed} images skipped, "
+        f"{result.total_rows} in {result.out / MASKS_FILE} ({result.seconds:.1f} s)"
+    )
+
+
+def render_figures(out: str | Path, dest: str | Path, limit: int | None = None) -> list[Path]:
+    """One PNG per masked image of the run in `out`: image, perturbed image, saliency."""
+    from .datasets import decode_image
+    from .visualize import saliency_panel, save_figure
+
+    out, dest = Path(out), Path(dest)
+    masks_file = out / MASKS_FILE if out.is_dir() else out
+    columns, attrs = read_columns(masks_file)
+    config = attrs["config"]
+    settings = MaskSettings(**config["mask"])
+    names = list(attrs.get("class_names", []))
+    data, size = Path(config["data"]), int(config["size"])
+    mean = torch.tensor(config.get("normalization", {}).get("mean", [0.5, 0.5, 0.5]))
+    count = len(columns.get("path", [])) if limit is None else min(limit, len(columns["path"]))
+    written = []
+    for row in range(count):
+        relative = str(columns["path"][row])
+        pixels, _, _ = decode_image(data / relative)
+        image = resize_image(pixels, size)[None]
+        mask = torch.from_numpy(columns["masks"][row])[None, None]
+        substrate = make_substrate(
+            image,
+            settings.perturbation,
+            blur_sigma=settings.blur_sigma,
+            blur_kernel=settings.blur_kernel,
+            mean_colour=mean,
+        )
+        up = upsample_masks(mask, (size, size), settings.mask_blur_sigma)
+        perturbed = image * up + substrate * (1 - up)
+        target = int(columns["target"][row])
+        name = names[target] if 0 <= target < len(names) else str(target)
+        title = (
+            f"{relative}: {name} — p(clean) {columns['prob_clean'][row]:.3f}, "
+            f"p(perturbed) {columns['prob_masked'][row]:.3f}"
+        )
+        figure = saliency_panel(image[0], perturbed[0], 1.0 - mask[0, 0], title)
+        path = dest / (Path(relative).with_suffix("").as_posix().replace("/", "__") + ".png")
+        save_figure(figure, path)
+        written.append(path)
+    return written

@@ -1,0 +1,206 @@
+"""Figures: per-image saliency panels and deletion / insertion curves.
+
+Everything here builds `matplotlib.figure.Figure` objects directly (the Agg canvas, no pyplot
+state, no display), so it works on headless cluster nodes and in worker processes. Nothing is
+read or written except by `save_figure`.
+
+Inputs may be numpy arrays or torch tensors (any device; they are detached and copied to the
+CPU); torch is not imported here.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+__all__ = ["curves_figure", "curve_auc", "saliency_panel", "save_figure", "upsample_bilinear"]
+
+DPI = 100
+PANEL_HEIGHT_IN = 3.0
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """A numpy float64 copy of an array or a (possibly CUDA, grad-tracking) torch tensor."""
+    if hasattr(x, "detach"):  # torch.Tensor without importing torch
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _as_hwc(image: Any) -> np.ndarray:
+    """An image as H×W×3 float in [0, 1].
+
+    Accepts 3×H×W, H×W×3, 1×H×W, H×W×1, H×W (greyscale, repeated to 3 channels) and a leading
+    batch axis of size 1 (1×3×H×W).
+    """
+    a = _to_numpy(image)
+    if a.ndim == 4 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3:
+        raise ValueError(f"expected an image of shape 3×H×W or H×W×3, got {a.shape}")
+    if a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = a.transpose(1, 2, 0)
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    if a.shape[-1] != 3:
+        raise ValueError(f"expected 1 or 3 channels, got an image of shape {a.shape}")
+    return np.clip(a, 0.0, 1.0)
+
+
+def _as_2d(saliency: Any) -> np.ndarray:
+    """A saliency map as h×w; accepts h×w, 1×h×w and 1×1×h×w."""
+    a = _to_numpy(saliency)
+    while a.ndim > 2 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 2:
+        raise ValueError(f"expected a saliency map of shape h×w, got {a.shape}")
+    return a
+
+
+def upsample_bilinear(saliency: Any, size: tuple[int, int]) -> np.ndarray:
+    """Resize an h×w map to `size` = (H, W) bilinearly.
+
+    Same sampling as `torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`
+    (half-pixel centres, edge values repeated), in numpy. Returns H×W float64.
+    """
+    a = _as_2d(saliency)
+    out_h, out_w = (int(s) for s in size)
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"size must be positive, got {size}")
+
+    def weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+        src = np.clip(src, 0.0, None)
+        i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, src - i0
+
+    y0, y1, wy = weights(a.shape[0], out_h)
+    x0, x1, wx = weights(a.shape[1], out_w)
+    rows = a[y0] * (1.0 - wy)[:, None] + a[y1] * wy[:, None]  # out_h × w
+    return rows[:, x0] * (1.0 - wx)[None, :] + rows[:, x1] * wx[None, :]
+
+
+def saliency_panel(
+    image: Any,
+    perturbed: Any,
+    saliency: Any,
+    title: str,
+    *,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> Figure:
+    """Three panels side by side: the image, the perturbed image, the saliency over the image.
+
+    image, perturbed: 3×H×W or H×W×3 in [0, 1] (numpy or torch; values are clipped).
+    saliency: h×w (or 1×h×w, 1×1×h×w), higher = more important, any resolution; it is
+    upsampled bilinearly to H×W and drawn with `cmap` at opacity `alpha` over the image, with
+    a colorbar spanning [vmin, vmax] (default: the map's own min and max).
+    The figure has 4 axes: the three panels and the colorbar; `title` is the suptitle.
+    """
+    img = _as_hwc(image)
+    pert = _as_hwc(perturbed)
+    if pert.shape != img.shape:
+        raise ValueError(f"perturbed {pert.shape} does not match image {img.shape}")
+    h, w = img.shape[:2]
+    sal = upsample_bilinear(saliency, (h, w))
+
+    lo = float(np.nanmin(sal)) if vmin is None else float(vmin)
+    hi = float(np.nanmax(sal)) if vmax is None else float(vmax)
+    if not hi > lo:  # a constant map: give the colorbar a non-empty range
+        hi = lo + 1.0
+    norm = Normalize(vmin=lo, vmax=hi)
+
+    panel_w = PANEL_HEIGHT_IN * w / h
+    fig = Figure(figsize=(3 * panel_w + 1.2, PANEL_HEIGHT_IN + 0.8), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    axes[0].imshow(img)
+    axes[0].set_title("image")
+    axes[1].imshow(pert)
+    axes[1].set_title("perturbed")
+    axes[2].imshow(img)
+    axes[2].imshow(sal, cmap=cmap, norm=norm, alpha=alpha, interpolation="nearest")
+    axes[2].set_title("saliency")
+    for ax in axes:
+        ax.set_axis_off()
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes[2], fraction=0.046, pad=0.02)
+    fig.suptitle(title)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | PathLike[str]) -> None:
+    """Write `fig` to `path` as PNG at 100 dpi (creating parent folders), then close it.
+
+    Closing clears the figure's contents (and drops it from pyplot if pyplot manages it), so a
+    loop over thousands of images does not accumulate memory.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=DPI)
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close(fig)
+    fig.clear()
+
+
+def curve_auc(curve: Any) -> float:
+    """Area under a curve of N+1 scores sampled evenly on x ∈ [0, 1] (trapezoid rule).
+
+    (Σ s − s₀/2 − s_N/2) / N, as in DESIGN.md §4; a single score is its own area.
+    """
+    s = _to_numpy(curve).reshape(-1)
+    if s.size == 0:
+        raise ValueError("empty curve")
+    if s.size == 1:
+        return float(s[0])
+    return float((s.sum() - 0.5 * s[0] - 0.5 * s[-1]) / (s.size - 1))
+
+
+def curves_figure(curves: Mapping[str, tuple[Any, Any]], title: str = "") -> Figure:
+    """Deletion and insertion curves side by side, one line per method.
+
+    curves: method name -> (mean deletion curve, mean insertion curve), each 1-D with N+1
+    scores at x = linspace(0, 1, N+1) (methods may use different N). Each legend entry shows
+    the AUC of that mean curve. Returns a figure with 2 axes.
+    """
+    fig = Figure(figsize=(10.0, 4.2), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    top = 1.0
+    for name, pair in curves.items():
+        if len(pair) != 2:
+            raise ValueError(f"{name!r}: expected (deletion, insertion), got {len(pair)} curves")
+        for ax, curve in zip(axes, pair, strict=True):
+            y = _to_numpy(curve).reshape(-1)
+            if y.size < 2:
+                raise ValueError(f"{name!r}: a curve needs at least 2 points, got {y.size}")
+            x = np.linspace(0.0, 1.0, y.size)
+            ax.plot(x, y, label=f"{name} (AUC {curve_auc(y):.3f})")
+            top = max(top, float(np.nanmax(y)))
+    for ax, kind, verb in zip(
+        axes, ("deletion", "insertion"), ("deleted", "inserted"), strict=True
+    ):
+        ax.set_title(kind)
+        ax.set_xlabel(f"fraction of pixels {verb}")
+        ax.set_xlim(0.0, 1.0)
+        ax.set_ylim(0.0, 1.05 * top)
+        ax.grid(True, alpha=0.3)
+        if curves:
+            ax.legend(loc="upper right" if kind == "deletion" else "lower right")
+    axes[0].set_ylabel("probability of the explained class")
+    if title:
+        fig.suptitle(title)
+    return fig

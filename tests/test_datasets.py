@@ -1,0 +1,474 @@
+"""Dataset layouts, labels, boxes, decoding of awkward files, the Dataset and sharding.
+
+Every test builds its own tiny images in tmp_path; none needs the shared ImageNet sample.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.datasets import (
+    IMAGE_EXTENSIONS,
+    Box,
+    DatasetError,
+    ImageDecodeError,
+    ImageFolderDataset,
+    Sample,
+    decode_image,
+    discover,
+    imagenet_class_names,
+    imagenet_wnids,
+    read_synset_mapping,
+    shard_range,
+)
+
+TENCH, GOLDFISH, TOILET_TISSUE = "n01440764", "n01443537", "n15075141"  # classes 0, 1, 999
+
+
+def make_image(path: Path, size=(8, 6), color=(200, 30, 30), mode="RGB", **save) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path, **save)
+    return path
+
+
+def write_csv(path: Path, rows: dict[str, str]) -> Path:
+    lines = ["ImageId,PredictionString"] + [f"{k},{v}" for k, v in rows.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_xml(path: Path, width: int, height: int, objects: list[tuple]) -> Path:
+    objs = "".join(
+        f"<object><name>{w}</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin>"
+        f"<xmax>{c}</xmax><ymax>{d}</ymax></bndbox></object>"
+        for w, a, b, c, d in objects
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"<annotation><filename>{path.stem}</filename><size><width>{width}</width>"
+        f"<height>{height}</height><depth>3</depth></size>{objs}</annotation>"
+    )
+    return path
+
+
+# ----------------------------------------------------------------------------- class lists
+
+
+def test_imagenet_wnids_and_names_come_from_timm() -> None:
+    wnids = imagenet_wnids()
+    assert len(wnids) == 1000 and wnids == sorted(wnids) and len(set(wnids)) == 1000
+    assert wnids[0] == TENCH and wnids[1] == GOLDFISH and wnids[999] == TOILET_TISSUE
+    names = imagenet_class_names()
+    assert len(names) == 1000
+    assert names[0] == "tench" and names[1] == "goldfish" and names[999] == "toilet tissue"
+    wnids.append("x")  # callers get a copy
+    assert len(imagenet_wnids()) == 1000
+
+
+def test_read_synset_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "LOC_synset_mapping.txt"
+    path.write_text(f"{TENCH} tench, Tinca tinca\n{GOLDFISH} goldfish, Carassius auratus\n\n")
+    assert read_synset_mapping(path) == (
+        [TENCH, GOLDFISH],
+        ["tench, Tinca tinca", "goldfish, Carassius auratus"],
+    )
+    path.write_text("tench n01440764\n")
+    with pytest.raises(DatasetError, match="LOC_synset_mapping.txt: line 1"):
+        read_synset_mapping(path)
+
+
+# ----------------------------------------------------------------------------- class folders
+
+
+def test_class_folders_use_global_imagenet_indices(tmp_path: Path) -> None:
+    # Only two classes present: the labels must be 0 and 999, not 0 and 1.
+    make_image(tmp_path / TOILET_TISSUE / "b.JPEG")
+    make_image(tmp_path / TENCH / "a.JPEG")
+    make_image(tmp_path / TENCH / "sub" / "c.png")
+    (tmp_path / TENCH / "notes.txt").write_text("not an image")
+    samples, layout = discover(tmp_path)
+    assert layout == "class_folders"
+    assert [(s.path, s.label) for s in samples] == [
+        (f"{TENCH}/a.JPEG", 0),
+        (f"{TENCH}/sub/c.png", 0),
+        (f"{TOILET_TISSUE}/b.JPEG", 999),
+    ]
+    assert all(s.boxes == () and s.width is None for s in samples)
+
+
+@pytest.mark.parametrize("folder", ["n99999999", "cats"])
+def test_class_folders_reject_unknown_folder(tmp_path: Path, folder: str) -> None:
+    make_image(tmp_path / TENCH / "a.JPEG")
+    make_image(tmp_path / folder / "b.JPEG")
+    with pytest.raises(DatasetError, match=folder):
+        discover(tmp_path)
+
+
+def test_class_folders_reject_loose_image_in_root(tmp_path: Path) -> None:
+    make_image(tmp_path / TENCH / "a.JPEG")
+    make_image(tmp_path / "loose.JPEG")
+    with pytest.raises(DatasetError, match="loose.JPEG"):
+        discover(tmp_path)
+
+
+# ----------------------------------------------------------------------------- LOC csv
+
+
+def test_loc_csv_in_root(tmp_path: Path) -> None:
+    for name in ("ILSVRC2012_val_00000001", "ILSVRC2012_val_00000002", "extra"):
+        make_image(tmp_path / f"{name}.JPEG")
+    write_csv(
+        tmp_path / "LOC_val_solution.csv",
+        {
+            "ILSVRC2012_val_00000002": f"{TOILET_TISSUE} 1 2 5 6 {TOILET_TISSUE} 0 0 3.5 4",
+            "ILSVRC2012_val_00000001": f"{GOLDFISH} 0 1 7 5 ",
+        },
+    )
+    samples, layout = discover(tmp_path)
+    assert layout == "loc_csv"
+    by_path = {s.path: s for s in samples}
+    assert [s.path for s in samples] == sorted(by_path)
+    first = by_path["ILSVRC2012_val_00000001.JPEG"]
+    assert first.label == 1 and first.boxes == (Box(1, 0.0, 1.0, 7.0, 5.0),)
+    second = by_path["ILSVRC2012_val_00000002.JPEG"]
+    assert second.label == 999
+    assert second.boxes == (Box(999, 1, 2, 5, 6), Box(999, 0, 0, 3.5, 4))
+    assert by_path["extra.JPEG"].label == -1 and by_path["extra.JPEG"].boxes == ()
+
+
+def test_loc_csv_with_val_subfolder_and_next_to_root(tmp_path: Path) -> None:
+    make_image(tmp_path / "val" / "img1.JPEG")
+    make_image(tmp_path / "val" / "img2.JPEG")
+    write_csv(tmp_path / "LOC_val_solution.csv", {"img1": f"{TENCH} 0 0 2 2", "img2": ""})
+    samples, layout = discover(tmp_path)  # csv in root, images in root/val
+    assert layout == "loc_csv"
+    assert [(s.path, s.label) for s in samples] == [("val/img1.JPEG", 0), ("val/img2.JPEG", -1)]
+    samples, layout = discover(tmp_path / "val")  # csv next to DATA
+    assert layout == "loc_csv"
+    assert [(s.path, s.label) for s in samples] == [("img1.JPEG", 0), ("img2.JPEG", -1)]
+
+
+def test_loc_csv_given_by_option(tmp_path: Path) -> None:
+    data = tmp_path / "deep" / "data"
+    make_image(data / "img1.jpg")
+    csv_path = write_csv(tmp_path / "labels.csv", {"img1": f"{GOLDFISH} 0 0 2 2"})
+    samples, layout = discover(data, labels_csv=csv_path)
+    assert layout == "loc_csv" and samples[0].label == 1
+    with pytest.raises(DatasetError, match="missing.csv"):
+        discover(data, labels_csv=tmp_path / "missing.csv")
+
+
+def test_loc_csv_adds_boxes_to_class_folders(tmp_path: Path) -> None:
+    make_image(tmp_path / "data" / GOLDFISH / "img1.JPEG")
+    csv_path = write_csv(tmp_path / "LOC_val_solution.csv", {"img1": f"{GOLDFISH} 0 0 2 2"})
+    assert discover(tmp_path / "data")[0][0].boxes == ()  # not picked up automatically
+    samples, layout = discover(tmp_path / "data", labels_csv=csv_path)
+    assert layout == "class_folders" and samples[0].boxes == (Box(1, 0, 0, 2, 2),)
+    write_csv(csv_path, {"img1": f"{TENCH} 0 0 2 2"})
+    with pytest.raises(DatasetError, match="disagrees"):
+        discover(tmp_path / "data", labels_csv=csv_path)
+
+
+def test_loc_csv_unknown_wnid_names_file_and_wnid(tmp_path: Path) -> None:
+    make_image(tmp_path / "img1.JPEG")
+    write_csv(tmp_path / "LOC_val_solution.csv", {"img1": "n00000042 0 0 2 2"})
+    with pytest.raises(DatasetError, match=r"LOC_val_solution\.csv.*n00000042"):
+        discover(tmp_path)
+
+
+def test_loc_csv_missing_image_names_file_and_id(tmp_path: Path) -> None:
+    make_image(tmp_path / "img1.JPEG")
+    write_csv(
+        tmp_path / "LOC_val_solution.csv",
+        {"img1": f"{TENCH} 0 0 2 2", "ILSVRC2012_val_00049999": f"{TENCH} 0 0 2 2"},
+    )
+    with pytest.raises(DatasetError, match=r"LOC_val_solution\.csv.*ILSVRC2012_val_00049999"):
+        discover(tmp_path)
+
+
+def test_loc_csv_malformed_box_list(tmp_path: Path) -> None:
+    make_image(tmp_path / "img1.JPEG")
+    write_csv(tmp_path / "LOC_val_solution.csv", {"img1": f"{TENCH} 0 0 2"})
+    with pytest.raises(DatasetError, match="line 2"):
+        discover(tmp_path)
+
+
+def test_synset_mapping_order_is_checked(tmp_path: Path) -> None:
+    make_image(tmp_path / "img1.JPEG")
+    write_csv(tmp_path / "LOC_val_solution.csv", {"img1": f"{TENCH} 0 0 2 2"})
+    wnids = imagenet_wnids()
+    mapping = tmp_path / "LOC_synset_mapping.txt"
+    mapping.write_text("".join(f"{w} name {i}\n" for i, w in enumerate(wnids)))
+    assert discover(tmp_path)[0][0].label == 0
+    wnids[0], wnids[1] = wnids[1], wnids[0]
+    mapping.write_text("".join(f"{w} name\n" for w in wnids))
+    with pytest.raises(DatasetError, match="LOC_synset_mapping.txt"):
+        discover(tmp_path)
+    given = mapping.rename(tmp_path.parent / f"{tmp_path.name}_mapping.txt")
+    assert discover(tmp_path)[0][0].label == 0  # nothing found automatically now
+    with pytest.raises(DatasetError, match=given.name):
+        discover(tmp_path, synset_mapping=given)
+
+
+# ----------------------------------------------------------------------------- XML boxes
+
+
+def test_xml_boxes(tmp_path: Path) -> None:
+    data, xmls = tmp_path / "data", tmp_path / "Annotations" / "CLS-LOC" / "val"
+    make_image(data / "ILSVRC2012_val_00000001.JPEG")
+    make_image(data / "ILSVRC2012_val_00000002.JPEG")
+    write_xml(
+        xmls / "ILSVRC2012_val_00000001.xml",
+        500,
+        375,
+        [(GOLDFISH, 10, 20, 110, 220), (GOLDFISH, 0, 0, 499, 374)],
+    )
+    write_xml(xmls / "ILSVRC2012_val_99999999.xml", 5, 5, [])  # no image: ignored
+    samples, layout = discover(data, boxes_dir=tmp_path / "Annotations")
+    assert layout == "voc_xml"
+    first, second = samples
+    assert (first.label, first.width, first.height) == (1, 500, 375)
+    assert first.boxes == (Box(1, 10, 20, 110, 220), Box(1, 0, 0, 499, 374))
+    assert (second.label, second.boxes, second.width) == (-1, (), None)
+
+
+def test_xml_boxes_with_class_folders(tmp_path: Path) -> None:
+    make_image(tmp_path / "data" / TENCH / "a.JPEG")
+    write_xml(tmp_path / "xml" / TENCH / "a.xml", 8, 6, [(TENCH, 1, 1, 4, 4)])
+    samples, layout = discover(tmp_path / "data", boxes_dir=tmp_path / "xml")
+    assert layout == "class_folders+voc_xml"
+    assert samples[0].label == 0 and samples[0].boxes == (Box(0, 1, 1, 4, 4),)
+    write_xml(tmp_path / "xml" / TENCH / "a.xml", 8, 6, [(GOLDFISH, 1, 1, 4, 4)])
+    with pytest.raises(DatasetError, match="disagrees"):
+        discover(tmp_path / "data", boxes_dir=tmp_path / "xml")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<annotation><size><width>5</width>",  # not well-formed
+        "<annotation><size><width>x</width><height>5</height></size></annotation>",
+        "<annotation><size><width>5</width><height>5</height></size>"
+        "<object><name>n01440764</name><bndbox><xmin>1</xmin></bndbox></object></annotation>",
+        "<annotation><size><width>5</width><height>5</height></size>"
+        "<object><name>cat</name></object></annotation>",
+    ],
+)
+def test_malformed_xml_names_the_file(tmp_path: Path, text: str) -> None:
+    make_image(tmp_path / "data" / "img.JPEG")
+    (tmp_path / "xml").mkdir()
+    (tmp_path / "xml" / "img.xml").write_text(text)
+    with pytest.raises(DatasetError, match=r"img\.xml"):
+        discover(tmp_path / "data", boxes_dir=tmp_path / "xml")
+
+
+# ----------------------------------------------------------------------------- other layouts
+
+
+def test_ground_truth_txt_is_refused(tmp_path: Path) -> None:
+    make_image(tmp_path / "ILSVRC2012_val_00000001.JPEG")
+    txt = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
+    txt.write_text("490\n")
+    with pytest.raises(DatasetError, match="devkit") as info:
+        discover(tmp_path, ground_truth_txt=txt)
+    assert "LOC_val_solution.csv" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unlabelled_folder_is_recursive_and_case_insensitive(tmp_path: Path) -> None:
+    make_image(tmp_path / "b" / "deep" / "x.PNG")
+    make_image(tmp_path / "a.JpG")
+    make_image(tmp_path / "c.bmp")
+    (tmp_path / "broken.webp").write_bytes(b"")  # broken files are still discovered
+    (tmp_path / "readme.txt").write_text("hi")
+    make_image(tmp_path / ".hidden" / "y.jpg")
+    make_image(tmp_path / "._z.jpg")
+    samples, layout = discover(tmp_path)
+    assert layout == "unlabelled"
+    assert [s.path for s in samples] == ["a.JpG", "b/deep/x.PNG", "broken.webp", "c.bmp"]
+    assert all(s.label == -1 and s.boxes == () for s in samples)
+    assert {".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp", ".webp"} == set(IMAGE_EXTENSIONS)
+
+
+def test_empty_and_missing_roots(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(DatasetError, match=f"no images found in {tmp_path}"):
+        discover(tmp_path)
+    with pytest.raises(DatasetError, match="no such directory"):
+        discover(tmp_path / "absent")
+    with pytest.raises(DatasetError, match="not a directory"):
+        discover(tmp_path / "notes.txt")
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def test_decode_rgb_jpeg_and_sizes(tmp_path: Path) -> None:
+    image, w, h = decode_image(make_image(tmp_path / "a.jpg", size=(9, 5), quality=95))
+    assert (w, h) == (9, 5) and image.shape == (3, 5, 9) and image.dtype == torch.float32
+    assert torch.allclose(image[:, 2, 4], torch.tensor([200, 30, 30]) / 255, atol=0.03)
+
+
+def test_decode_greyscale_and_one_pixel(tmp_path: Path) -> None:
+    image, w, h = decode_image(make_image(tmp_path / "g.png", size=(1, 1), color=77, mode="L"))
+    assert (w, h) == (1, 1) and image.shape == (3, 1, 1)
+    assert torch.allclose(image.flatten(), torch.full((3,), 77 / 255))
+
+
+def test_decode_cmyk_jpeg(tmp_path: Path) -> None:
+    path = make_image(tmp_path / "c.jpg", color=(0, 255, 255, 0), mode="CMYK", quality=95)
+    image, _, _ = decode_image(path)
+    assert torch.allclose(image.mean(dim=(1, 2)), torch.tensor([1.0, 0.0, 0.0]), atol=0.05)
+
+
+def test_decode_rgba_is_composited_over_white(tmp_path: Path) -> None:
+    rgba = np.zeros((2, 3, 4), dtype=np.uint8)
+    rgba[0, 0] = (0, 0, 255, 255)  # opaque blue
+    rgba[0, 1] = (0, 0, 0, 0)  # fully transparent black -> white
+    rgba[0, 2] = (0, 0, 0, 128)  # half-transparent black -> mid grey
+    path = tmp_path / "a.png"
+    Image.fromarray(rgba, mode="RGBA").save(path)
+    image, w, h = decode_image(path)
+    assert (w, h) == (3, 2)
+    assert torch.allclose(image[:, 0, 0], torch.tensor([0.0, 0.0, 1.0]))
+    assert torch.allclose(image[:, 0, 1], torch.ones(3))
+    assert torch.allclose(image[:, 0, 2], torch.full((3,), 127 / 255), atol=1.5 / 255)
+
+
+def test_decode_palette_png(tmp_path: Path) -> None:
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    pal.putpixel((0, 0), 0)
+    pal.save(tmp_path / "p.png")
+    image, _, _ = decode_image(tmp_path / "p.png")
+    assert torch.allclose(image[:, 1, 1], torch.tensor([10, 200, 30]) / 255)
+    assert torch.allclose(image[:, 0, 0], torch.zeros(3))
+    pal.save(tmp_path / "t.png", transparency=0)  # index 0 transparent -> white
+    image, _, _ = decode_image(tmp_path / "t.png")
+    assert torch.allclose(image[:, 0, 0], torch.ones(3))
+    assert torch.allclose(image[:, 1, 1], torch.tensor([10, 200, 30]) / 255)
+
+
+def test_decode_16_bit_png(tmp_path: Path) -> None:
+    values = np.array([[0, 32768, 65535]], dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I")
+    image, w, h = decode_image(path)
+    assert (w, h) == (3, 1)
+    assert torch.allclose(image[0, 0], torch.tensor([0.0, 0.5, 1.0]), atol=1 / 255)
+    assert torch.equal(image[0], image[2])
+
+
+def test_decode_large_images_are_reduced_but_report_original_size(tmp_path: Path) -> None:
+    jpeg = make_image(tmp_path / "big.jpg", size=(400, 300))
+    image, w, h = decode_image(jpeg, max_pixels=10_000)  # DCT draft, 1/4 scale
+    assert (w, h) == (400, 300) and image.shape == (3, 75, 100)
+    png = make_image(tmp_path / "big.png", size=(400, 300))
+    image, w, h = decode_image(png, max_pixels=10_000)  # box reduction after decoding
+    assert (w, h) == (400, 300) and image.shape[1] * image.shape[2] <= 10_000
+    assert torch.allclose(image[:, 0, 0], torch.tensor([200, 30, 30]) / 255)
+
+
+def test_decode_refuses_decompression_bombs(tmp_path: Path, monkeypatch) -> None:
+    path = make_image(tmp_path / "bomb.png", size=(40, 40))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1600 px > 2 × limit: PIL refuses
+    with pytest.raises(ImageDecodeError, match="too large"):
+        decode_image(path)
+
+
+def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    good = make_image(tmp_path / "good.jpg", size=(64, 64), quality=90).read_bytes()
+    files = {
+        "zero_byte": (tmp_path / "zero.jpg", "empty file"),
+        "truncated": (tmp_path / "trunc.jpg", "truncated"),
+        "text": (tmp_path / "text.jpg", "not a recognised image"),
+        "dangling": (tmp_path / "dangling.jpg", "dangling symlink"),
+        "garbage_tail": (tmp_path / "garbage.png", ""),
+    }
+    files["zero_byte"][0].write_bytes(b"")
+    files["truncated"][0].write_bytes(good[: len(good) // 2])
+    files["text"][0].write_text("this is not an image\n")
+    os.symlink(tmp_path / "nowhere.jpg", files["dangling"][0])
+    files["garbage_tail"][0].write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    return files
+
+
+def test_decode_failures_raise_one_line_reason(tmp_path: Path) -> None:
+    for path, expected in _bad_files(tmp_path).values():
+        with pytest.raises(ImageDecodeError) as info:
+            decode_image(path)
+        assert expected in info.value.reason.lower() and "\n" not in info.value.reason
+
+
+# ----------------------------------------------------------------------------- Dataset
+
+
+def test_dataset_items_and_failures_survive_collation(tmp_path: Path) -> None:
+    make_image(tmp_path / "a.jpg", size=(30, 20))
+    make_image(tmp_path / "b.png", size=(7, 7), color=(0, 0, 255))
+    _bad_files(tmp_path)
+    samples, _ = discover(tmp_path)
+    dataset = ImageFolderDataset(tmp_path, samples, size=16)
+    assert len(dataset) == len(samples)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=len(dataset), num_workers=0)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (len(samples), 3, 16, 16)
+    assert batch["image"].dtype == torch.float32
+    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert batch["index"].tolist() == list(range(len(samples)))
+    by_name = {s.path: i for i, s in enumerate(samples)}
+    a, b = by_name["a.jpg"], by_name["b.png"]
+    assert batch["ok"][a] and batch["error"][a] == ""
+    assert (batch["width"][a].item(), batch["height"][a].item()) == (30, 20)
+    blue = torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1).expand(3, 16, 16)
+    assert torch.allclose(batch["image"][b], blue)
+    for name in ("zero.jpg", "trunc.jpg", "text.jpg", "dangling.jpg", "garbage.png"):
+        i = by_name[name]
+        assert not batch["ok"][i] and batch["error"][i]
+        assert batch["width"][i] == 0 and batch["height"][i] == 0
+        assert batch["image"][i].abs().sum() == 0
+
+
+def test_dataset_indices_select_a_subset(tmp_path: Path) -> None:
+    for k in range(5):
+        make_image(tmp_path / f"{k}.png", size=(3, 3), color=(k * 40, 0, 0))
+    samples, _ = discover(tmp_path)
+    dataset = ImageFolderDataset(tmp_path, samples, size=4, indices=shard_range(5, 1, 2))
+    assert len(dataset) == 2
+    item = dataset[1]
+    assert item["index"] == 4 and item["ok"]
+    assert torch.allclose(item["image"][0], torch.full((4, 4), 160 / 255))
+    with pytest.raises(IndexError):
+        ImageFolderDataset(tmp_path, samples, indices=[5])
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 10, 64, 1001])
+@pytest.mark.parametrize("world", [1, 2, 3, 8, 16])
+def test_shard_range_covers_each_index_once(n: int, world: int) -> None:
+    shards = [shard_range(n, rank, world) for rank in range(world)]
+    assert [i for shard in shards for i in shard] == list(range(n))  # contiguous, in order
+    sizes = [len(shard) for shard in shards]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    assert all(shard.step == 1 for shard in shards)
+
+
+def test_shard_range_validates_arguments() -> None:
+    assert shard_range(10, 0, 3) == range(0, 4)
+    assert shard_range(10, 2, 3) == range(7, 10)
+    for n, rank, world in [(5, 3, 3), (5, -1, 3), (5, 0, 0), (-1, 0, 1)]:
+        with pytest.raises(ValueError):
+            shard_range(n, rank, world)
+
+
+def test_sample_defaults() -> None:
+    sample = Sample(path="a.JPEG", label=-1, boxes=())
+    assert sample.width is None and sample.height is None
