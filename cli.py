@@ -228,5 +228,108 @@ def show(out, dest, limit) -> None:
     click.echo(f"{len(written)} figures written to {dest}")
 
 
+@main.command()
+@click.argument("source", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The images the maps belong to (default: the run's data folder).",
+)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output folder (needed unless SOURCE is an mpbatch run).",
+)
+@click.option(
+    "--paths",
+    "paths_file",
+    type=click.Path(exists=True, path_type=Path),
+    help="For an .npy SOURCE: a text file with one image path (relative to DATA) "
+    "per line, in the array's order.",
+)
+@click.option(
+    "--baseline",
+    type=click.Choice(["center", "random"]),
+    default=None,
+    help="Score a baseline instead of saliency maps.",
+)
+@click.option("--model", default=None, help="Model (default: the run's, else efficientnet_lite0).")
+@click.option("--weights", default=None, help="Weights file (state dict) for the model.")
+@click.option(
+    "--target",
+    type=click.Choice(["label", "predicted"]),
+    default="label",
+    show_default=True,
+    help="For foreign maps: explain the label or the top-1 class.",
+)
+@click.option("--size", type=int, default=None, help="Input size (default: the run's, or 224).")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option("--labels-csv", type=click.Path(path_type=Path), default=None)
+@click.option("--synset-mapping", type=click.Path(path_type=Path), default=None)
+@click.option("--boxes", "boxes_dir", type=click.Path(path_type=Path), default=None)
+@_evaluation_options
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def evaluate(
+    source,
+    data,
+    out,
+    paths_file,
+    baseline,
+    model,
+    weights,
+    target,
+    size,
+    batch_size,
+    workers,
+    device,
+    labels_csv,
+    synset_mapping,
+    boxes_dir,
+    step,
+    tolerance,
+    eval_batch_size,
+    baselines,
+    quiet,
+) -> None:
+    """Score saliency maps: deletion/insertion AUCs and the pointing game.
+
+    SOURCE is an mpbatch run (folder or masks.h5; its metrics are recomputed in place), an
+    HDF5 file with datasets `path` and `saliency` (N×h×w, higher = more important), or an
+    .npy array with --paths. Without SOURCE, --baseline scores a baseline on DATA.
+    """
+    from pipeline.runner import EvaluateOptions
+    from pipeline.runner import evaluate as evaluate_maps
+
+    options = EvaluateOptions(
+        source=source,
+        data=data,
+        out=out,
+        paths_file=paths_file,
+        baseline=baseline,
+        model=model,
+        weights=weights,
+        target=target,
+        size=size,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        labels_csv=labels_csv,
+        synset_mapping=synset_mapping,
+        boxes_dir=boxes_dir,
+        progress=not quiet,
+        evaluation=_eval_options(step, tolerance, eval_batch_size, baselines),
+    )
+    scored = evaluate_maps(options)
+    click.echo(f"scores written to {scored} and {scored.parent / 'report.csv'}")
+
+
 if __name__ == "__main__":
     main()

@@ -30,7 +30,7 @@ from .models import NormalizedClassifier, load_model
 from .optimize import PRESETS, MaskSettings, image_seed, optimize_masks, upsample_masks
 from .perturbations import make_substrate
 from .report import write_failures_csv, write_report_csv
-from .store import MaskStore, read_columns
+from .store import MaskStore, read_columns, replace_columns
 
 MASKS_FILE = "masks.h5"
 REPORT_FILE = "report.csv"
@@ -441,3 +441,222 @@ def render_figures(out: str | Path, dest: str | Path, limit: int | None = None) 
         save_figure(figure, path)
         written.append(path)
     return written
+
+
+# ------------------------------------------------------------------------------ evaluate
+SCORES_FILE = "scores.h5"
+
+
+@dataclass
+class EvaluateOptions:
+    """`mpbatch evaluate`: score saliency maps (an mpbatch run, a foreign file, a baseline)."""
+
+    source: Path | None  # run folder / masks.h5, foreign .h5 (path, saliency), .npy, or None
+    data: Path | None = None
+    out: Path | None = None
+    paths_file: Path | None = None  # one relative path per line, for an .npy source
+    baseline: str | None = None  # score this baseline as the method (source None)
+    model: str | None = None
+    weights: str | None = None
+    target: str = "label"
+    size: int | None = None
+    batch_size: int = 16
+    workers: int = 2
+    device: str = "auto"
+    labels_csv: Path | None = None
+    synset_mapping: Path | None = None
+    boxes_dir: Path | None = None
+    evaluation: EvalOptions = field(default_factory=EvalOptions)
+    progress: bool = True
+
+
+@dataclass
+class SaliencySource:
+    """Saliency maps to score: paths (relative to the data root) and N×h×w maps."""
+
+    paths: list[str]
+    saliency: np.ndarray | None  # None for a baseline (made per batch)
+    targets: np.ndarray | None  # fixed targets (an mpbatch run), else chosen per batch
+    masks_file: Path | None  # an mpbatch run's file, updated in place
+    config: dict
+
+
+def _is_mask_file(path: Path) -> bool:
+    import h5py
+
+    with h5py.File(path, "r") as file:
+        return "masks" in file and "config" in file.attrs
+
+
+def read_saliency_source(options: EvaluateOptions) -> SaliencySource:
+    """Load what `evaluate` scores; raises DatasetError with the file name when malformed."""
+    import h5py
+
+    source = options.source
+    if source is None:
+        if options.baseline is None:
+            raise DatasetError("evaluate needs a saliency file or --baseline center|random")
+        return SaliencySource([], None, None, None, {})
+    source = Path(source)
+    if source.is_dir():
+        source = source / MASKS_FILE
+    if not source.exists():
+        raise DatasetError(f"{source}: no such file")
+    if source.suffix == ".npy":
+        if options.paths_file is None:
+            raise DatasetError(f"{source}: an .npy saliency array needs --paths FILE")
+        saliency = np.load(source)
+        paths = [line.strip() for line in Path(options.paths_file).read_text().splitlines()]
+        paths = [p for p in paths if p]
+        if saliency.ndim != 3 or len(paths) != saliency.shape[0]:
+            raise DatasetError(
+                f"{source}: expected N×h×w saliency for the {len(paths)} paths of "
+                f"{options.paths_file}, got shape {saliency.shape}"
+            )
+        return SaliencySource(paths, saliency.astype(np.float32), None, None, {})
+    try:
+        is_run = _is_mask_file(source)
+    except OSError as error:
+        raise DatasetError(f"{source}: not a readable HDF5 file ({error})") from error
+    if is_run:
+        columns, attrs = read_columns(source)
+        saliency = 1.0 - columns["masks"].astype(np.float32)
+        paths = [str(p) for p in columns["path"]]
+        return SaliencySource(paths, saliency, columns["target"], source, attrs["config"])
+    with h5py.File(source, "r") as file:
+        if "saliency" not in file or "path" not in file:
+            raise DatasetError(f"{source}: needs datasets 'path' and 'saliency' (N×h×w)")
+        saliency = file["saliency"][:].astype(np.float32)
+        paths = [p.decode() if isinstance(p, bytes) else str(p) for p in file["path"][:]]
+    if saliency.ndim != 3 or len(paths) != saliency.shape[0]:
+        raise DatasetError(f"{source}: 'saliency' must be N×h×w with one row per path")
+    return SaliencySource(paths, saliency, None, None, {})
+
+
+def evaluate(options: EvaluateOptions) -> Path:
+    """Score saliency maps with the protocol of options.evaluation; returns the scored file.
+
+    An mpbatch run is updated in place (its metric columns replaced); anything else is
+    written to OUT/scores.h5. report.csv and the summary go beside the scored file.
+    """
+    source = read_saliency_source(options)
+    config = source.config
+    data = Path(options.data or config.get("data") or "")
+    if not str(data):
+        raise DatasetError("evaluate needs --data DATA (the images the maps belong to)")
+    samples, _ = discover(
+        data,
+        labels_csv=options.labels_csv,
+        synset_mapping=options.synset_mapping,
+        boxes_dir=options.boxes_dir,
+    )
+    by_path = {s.path: i for i, s in enumerate(samples)}
+    paths = source.paths or [s.path for s in samples]
+    missing = [p for p in paths if p not in by_path]
+    if missing:
+        raise DatasetError(f"{missing[0]}: listed in {options.source} but not found in {data}")
+    positions = [by_path[p] for p in paths]
+    model_name = options.model or config.get("model") or "efficientnet_lite0"
+    weights = options.weights if options.model else config.get("weights", options.weights)
+    size = options.size or int(config.get("size", 224))
+    device = pick_device(options.device)
+    model = load_model(model_name, weights).to(device)
+    if options.target == "label" and source.targets is None:
+        check_labels([samples[p] for p in positions], len(model.class_names), model_name)
+
+    dataset = ImageFolderDataset(data, samples, size, indices=positions)
+    row_of = {p: row for row, p in enumerate(positions)}
+    collected: dict[str, list] = {}
+    failures = []
+    bar = tqdm(total=len(positions), unit="img", desc="scores", disable=not options.progress)
+    for batch in _loader(dataset, options, device):
+        batch_positions = batch["index"].tolist()
+        good = [i for i, ok in enumerate(batch["ok"].tolist()) if ok]
+        failures += [
+            (p, samples[p].path, batch["error"][i])
+            for i, p in enumerate(batch_positions)
+            if i not in good
+        ]
+        bar.update(len(batch_positions))
+        if not good:
+            continue
+        rows = [row_of[batch_positions[i]] for i in good]
+        images = batch["image"][good].to(device)
+        probs = classify(model, images)
+        predictions = probs.argmax(dim=1)
+        if source.targets is not None:
+            targets = torch.from_numpy(source.targets[rows]).to(device)
+        else:
+            labels = torch.tensor([samples[positions[r]].label for r in rows], device=device)
+            targets = choose_targets(labels, predictions, options.target)
+        if source.saliency is not None:
+            saliency = torch.from_numpy(source.saliency[rows]).to(device)
+        else:
+            keys = [paths[r] for r in rows]
+            saliency = baseline_saliency(
+                options.baseline, keys, (size, size), options.evaluation.seed
+            ).to(device)
+        sizes = [(int(batch["width"][i]), int(batch["height"][i])) for i in good]
+        columns = evaluate_batch(
+            model,
+            images,
+            saliency,
+            targets,
+            [samples[positions[r]] for r in rows],
+            sizes,
+            options.evaluation,
+        )
+        columns["row"] = np.array(rows, dtype=np.int64)
+        if source.masks_file is None:
+            columns["path"] = np.array([paths[r] for r in rows], dtype=object)
+            columns["index"] = np.array([positions[r] for r in rows], dtype=np.int64)
+            columns["label"] = np.array([samples[positions[r]].label for r in rows])
+            columns["target"] = targets.cpu().numpy()
+            columns["pred"] = predictions.cpu().numpy()
+            columns["prob_clean"] = probs.gather(1, targets.view(-1, 1))[:, 0].cpu().numpy()
+            columns["width"] = np.array([w for w, _ in sizes])
+            columns["height"] = np.array([h for _, h in sizes])
+        for key, value in columns.items():
+            collected.setdefault(key, []).append(value)
+    bar.close()
+    merged = {k: np.concatenate(v) for k, v in collected.items()}
+    rows = merged.pop("row", np.zeros(0, dtype=np.int64))
+    description = options.evaluation.describe()
+
+    if source.masks_file is not None:
+        if len(rows) != len(paths):
+            raise DatasetError(
+                f"{source.masks_file}: {len(paths) - len(rows)} masked images could not be "
+                "decoded again; their metrics cannot be recomputed"
+            )
+        order = np.argsort(rows)
+        replace_columns(
+            source.masks_file,
+            {k: v[order] for k, v in merged.items()},
+            protocol=description,
+            class_names=list(model.class_names),
+        )
+        scored, out = source.masks_file, source.masks_file.parent
+    else:
+        if options.out is None:
+            raise DatasetError("evaluate needs -o OUT for saliency maps not made by mpbatch")
+        out = Path(options.out)
+        scored = out / SCORES_FILE
+        eval_config = {
+            "data": str(data.resolve()),
+            "model": model_name,
+            "weights": weights,
+            "size": size,
+            "target": options.target,
+            "source": str(options.source) if options.source else f"baseline:{options.baseline}",
+            "evaluation": description,
+        }
+        store = MaskStore.open(scored, eval_config, versions(), overwrite=True)
+        try:
+            strings = {k: [str(x) for x in v] for k, v in merged.items() if v.dtype == object}
+            store.append({**merged, **strings}, failures, next_position=len(samples))
+            store.set_attrs(protocol=description, class_names=list(model.class_names))
+        finally:
+            store.close()
+    write_report_csv(scored, out / REPORT_FILE)
+    return scored

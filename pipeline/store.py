@@ -231,3 +231,21 @@ def read_failures(path: str | Path) -> list[tuple[int, str, str]]:
         paths = [v.decode() for v in group["path"][:count]]
         reasons = [v.decode() for v in group["reason"][:count]]
     return [(int(i), p, r) for i, p, r in zip(index, paths, reasons, strict=True)]
+
+
+def replace_columns(path: str | Path, columns: dict[str, np.ndarray], **attrs) -> None:
+    """Overwrite (or add) whole per-image datasets of a finished file, e.g. recomputed metrics.
+
+    Every array must have one entry per committed row.
+    """
+    with h5py.File(path, "r+") as file:
+        rows = int(file.attrs["rows"])
+        for name, values in columns.items():
+            array = np.asarray(values)
+            if array.shape[0] != rows:
+                raise ValueError(f"{path}: column {name} has {array.shape[0]} rows, not {rows}")
+            if name in file:
+                del file[name]
+            file.create_dataset(name, data=array, maxshape=(None,) + array.shape[1:])
+        for key, value in attrs.items():
+            file.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)

@@ -126,3 +126,117 @@ def test_missing_data_is_one_line_error(tmp_path) -> None:
     )
     assert result.exit_code == 2
     assert "nope" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+METRIC_ARGS = ["--step", "64", "--eval-batch-size", "64"]
+
+
+def _columns(path):
+    from pipeline.store import read_columns
+
+    return read_columns(path)[0]
+
+
+def test_run_scores_masks_and_baselines(class_folders, tmp_path) -> None:
+    out = tmp_path / "out"
+    args = ["run", str(class_folders), "-o", str(out), "--model", TINY, *FAST, *METRIC_ARGS]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    columns = _columns(out / "masks.h5")
+    # 32×32 images, 64 pixels per step: 16 steps, 17 scores
+    for prefix in ("", "center_", "random_"):
+        assert columns[f"{prefix}deletion_curve"].shape == (6, 17)
+        assert columns[f"{prefix}insertion_curve"].shape == (6, 17)
+        curves = columns[f"{prefix}deletion_curve"]
+        expected = (curves.sum(1) - curves[:, 0] / 2 - curves[:, -1] / 2) / 16
+        assert np.allclose(columns[f"{prefix}deletion_auc"], expected, atol=1e-6)
+        # no boxes in this folder: pointing is undefined, not a miss
+        assert np.isnan(columns[f"{prefix}pointing_hit"]).all()
+    report = pd.read_csv(out / "report.csv")
+    for column in ("deletion_auc", "insertion_auc", "pointing_hit", "small_object"):
+        assert column in report
+
+
+def test_evaluate_foreign_maps_equals_run(class_folders, tmp_path) -> None:
+    out = tmp_path / "out"
+    args = [
+        "run",
+        str(class_folders),
+        "-o",
+        str(out),
+        "--model",
+        TINY,
+        *FAST,
+        *METRIC_ARGS,
+        "--baselines",
+        "none",
+    ]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    run_columns = _columns(out / "masks.h5")
+    saliency = 1.0 - run_columns["masks"]
+
+    foreign = tmp_path / "gradcam.h5"
+    with h5py.File(foreign, "w") as file:
+        file["saliency"] = saliency
+        file["path"] = np.array(list(run_columns["path"]), dtype=h5py.string_dtype())
+    npy = tmp_path / "maps.npy"
+    np.save(npy, saliency)
+    listing = tmp_path / "paths.txt"
+    listing.write_text("\n".join(run_columns["path"]) + "\n")
+
+    common = [
+        "--data",
+        str(class_folders),
+        "--model",
+        TINY,
+        "--size",
+        "32",
+        "--workers",
+        "0",
+        "--quiet",
+        "--baselines",
+        "none",
+        *METRIC_ARGS,
+    ]
+    for name, source, extra in (("h5", foreign, []), ("npy", npy, ["--paths", str(listing)])):
+        result = CliRunner().invoke(
+            main, ["evaluate", str(source), "-o", str(tmp_path / name), *common, *extra]
+        )
+        assert result.exit_code == 0, result.output
+        scored = _columns(tmp_path / name / "scores.h5")
+        assert list(scored["path"]) == list(run_columns["path"])
+        for column in ("deletion_auc", "insertion_auc", "deletion_curve"):
+            assert np.allclose(scored[column], run_columns[column], atol=1e-6), column
+
+    # recomputing the run's own metrics in place gives the same numbers again
+    before = run_columns["insertion_auc"].copy()
+    result = CliRunner().invoke(main, ["evaluate", str(out), *common])
+    assert result.exit_code == 0, result.output
+    assert np.allclose(_columns(out / "masks.h5")["insertion_auc"], before, atol=1e-6)
+
+
+def test_evaluate_baseline_and_bad_sources(class_folders, tmp_path) -> None:
+    common = [
+        "--data",
+        str(class_folders),
+        "--model",
+        TINY,
+        "--size",
+        "32",
+        "--workers",
+        "0",
+        "--quiet",
+        "--baselines",
+        "none",
+        *METRIC_ARGS,
+    ]
+    result = CliRunner().invoke(
+        main, ["evaluate", "--baseline", "center", "-o", str(tmp_path / "c"), *common]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(_columns(tmp_path / "c" / "scores.h5")["deletion_auc"]) == 6
+
+    bad = tmp_path / "bad.h5"
+    with h5py.File(bad, "w") as file:
+        file["something"] = np.zeros(3)
+    result = CliRunner().invoke(main, ["evaluate", str(bad), "-o", str(tmp_path / "b"), *common])
+    assert result.exit_code == 2 and "bad.h5" in result.output and "saliency" in result.output
