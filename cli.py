@@ -21,12 +21,20 @@ def _user_errors(function):
     def wrapper(*args, **kwargs):
         from pipeline.datasets import DatasetError
         from pipeline.models import ModelError
+        from pipeline.runner import EXIT_INTERRUPTED, Interrupted
         from pipeline.store import StoreError
 
         try:
             return function(*args, **kwargs)
+        except Interrupted as stop:
+            click.echo(f"mpbatch: {stop}", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except (DatasetError, ModelError, StoreError, ValueError, RuntimeError) as error:
             click.echo(f"mpbatch: error: {error}", err=True)
+            sys.exit(2)
+        except OSError as error:  # unwritable OUT, disk full, ...
+            where = f"{error.filename}: " if error.filename else ""
+            click.echo(f"mpbatch: error: {where}{error.strerror or error}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -155,6 +163,20 @@ def main() -> None:
     help="Score the masks (deletion, insertion, pointing game) as they are made.",
 )
 @_evaluation_options
+@click.option(
+    "--shard",
+    default=None,
+    metavar="I/N",
+    help="Run shard I of N (default: from torchrun's RANK/WORLD_SIZE or SLURM's "
+    "variables; one shard otherwise).",
+)
+@click.option(
+    "--on-error",
+    type=click.Choice(["skip", "fail"]),
+    default="skip",
+    show_default=True,
+    help="Skip undecodable images (listed in failures.csv) or stop.",
+)
 @click.option("--overwrite", is_flag=True, help="Start over instead of resuming OUT.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
@@ -178,11 +200,17 @@ def run(
     tolerance,
     eval_batch_size,
     baselines,
+    shard,
+    on_error,
     overwrite,
     quiet,
     **mask_options,
 ) -> None:
-    """Learn a mask for every image of DATA and write OUT/masks.h5 and OUT/report.csv."""
+    """Learn a mask for every image of DATA and write OUT/masks.h5 and OUT/report.csv.
+
+    Rerunning the same command resumes. SIGTERM or SIGUSR1 finish the current batch, write
+    what is done and exit with status 75, so a requeued job continues where it stopped.
+    """
     from pipeline.runner import RunOptions, describe
     from pipeline.runner import run as run_pipeline
 
@@ -204,6 +232,8 @@ def run(
         boxes_dir=boxes_dir,
         overwrite=overwrite,
         progress=not quiet,
+        shard=shard,
+        on_error=on_error,
         evaluation=_eval_options(step, tolerance, eval_batch_size, baselines) if metrics else None,
     )
     click.echo(describe(run_pipeline(options)))
@@ -329,6 +359,38 @@ def evaluate(
     )
     scored = evaluate_maps(options)
     click.echo(f"scores written to {scored} and {scored.parent / 'report.csv'}")
+
+
+@main.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_user_errors
+def merge(out) -> None:
+    """Join the shard files OUT/masks-IIIII-of-NNNNN.h5 into OUT/masks.h5 and the reports."""
+    from pipeline.runner import merge as merge_shards
+
+    merged = merge_shards(out)
+    click.echo(f"merged into {merged}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the comparison as CSV (and .md beside it).",
+)
+@_user_errors
+def report(runs, output) -> None:
+    """Compare the summaries of several runs side by side (one row per run and method)."""
+    from pipeline.report import compare_runs, markdown_table
+
+    table = compare_runs(list(runs))
+    click.echo(markdown_table(table))
+    if output is not None:
+        table.to_csv(output, index=False)
+        Path(output).with_suffix(".md").write_text(markdown_table(table) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ return tensors.
 
 from __future__ import annotations
 
+import os
 import platform
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +20,16 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .datasets import DatasetError, ImageFolderDataset, Sample, discover, resize_image
+from .datasets import (
+    DatasetError,
+    ImageFolderDataset,
+    Sample,
+    Shard,
+    discover,
+    resize_image,
+    resolve_shard,
+    shard_range,
+)
 from .metrics import (
     BASELINES,
     CurveProtocol,
@@ -29,8 +41,8 @@ from .metrics import (
 from .models import NormalizedClassifier, load_model
 from .optimize import PRESETS, MaskSettings, image_seed, optimize_masks, upsample_masks
 from .perturbations import make_substrate
-from .report import write_failures_csv, write_report_csv
-from .store import MaskStore, read_columns, replace_columns
+from .report import write_failures_csv, write_report_csv, write_summary
+from .store import MaskStore, StoreError, merge_files, read_columns, replace_columns
 
 MASKS_FILE = "masks.h5"
 REPORT_FILE = "report.csv"
@@ -109,6 +121,8 @@ class RunOptions:
     boxes_dir: Path | None = None
     overwrite: bool = False
     progress: bool = True
+    shard: str | None = None  # "I/N"; None: from the environment (torchrun, SLURM)
+    on_error: str = "skip"  # "skip" bad images (listed in failures.csv) or "fail"
     evaluation: EvalOptions | None = field(default_factory=lambda: EvalOptions())
 
     def mask_settings(self) -> MaskSettings:
@@ -126,12 +140,14 @@ class RunResult:
     seconds: float
 
 
-def pick_device(name: str) -> torch.device:
-    """'auto' → cuda when available, else cpu."""
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' → cuda when available, else cpu; on CUDA, GPU `local_rank` (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(name)
 
 
@@ -241,9 +257,51 @@ def _loader(dataset, options: RunOptions, device: torch.device):
     )
 
 
+class Interrupted(Exception):
+    """The run stopped early on SIGTERM/SIGUSR1 after flushing; rerun to resume."""
+
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL (sysexits.h): "try again later", i.e. requeue and resume
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGUSR1 only set a flag that the batch loop checks."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n))
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def output_names(shard: Shard) -> tuple[str, str, str]:
+    """(masks, report, failures) file names of a shard: masks.h5 when unsharded."""
+    if shard.world == 1:
+        return MASKS_FILE, REPORT_FILE, FAILURES_FILE
+    return (f"masks-{shard.tag}.h5", f"report-{shard.tag}.csv", f"failures-{shard.tag}.csv")
+
+
 def run(options: RunOptions) -> RunResult:
-    """Mask every image of options.data into options.out (resuming a previous run)."""
+    """Mask every image of options.data (this process's shard of it) into options.out.
+
+    Resumes what an earlier run with the same settings left; SIGTERM/SIGUSR1 finish the
+    current batch, flush, and raise Interrupted.
+    """
     started = time.perf_counter()
+    timings = {"load": 0.0, "optimize": 0.0, "evaluate": 0.0, "write": 0.0}
     settings = options.mask_settings()
     samples, layout = discover(
         options.data,
@@ -253,47 +311,89 @@ def run(options: RunOptions) -> RunResult:
     )
     if options.limit is not None:
         samples = samples[: options.limit]
-    device = pick_device(options.device)
+    shard = resolve_shard(options.shard, os.environ)
+    part = shard_range(len(samples), shard.rank, shard.world)
+    device = pick_device(options.device, shard.local_rank)
     model = load_model(options.model, options.weights).to(device)
     if options.target == "label":
         check_labels(samples, len(model.class_names), options.model)
 
     out = Path(options.out)
+    masks_name, report_name, failures_name = output_names(shard)
     config = run_config(options, layout, settings)
     config["normalization"] = {"mean": model.mean.tolist(), "std": model.std.tolist()}
+    config["shard"] = {
+        "rank": shard.rank,
+        "world": shard.world,
+        "start": part.start,
+        "stop": part.stop,
+    }
     store = MaskStore.open(
-        out / MASKS_FILE, config, versions(), compare_keys=RESULT_KEYS, overwrite=options.overwrite
+        out / masks_name,
+        config,
+        versions(),
+        compare_keys=RESULT_KEYS + ["shard"],
+        overwrite=options.overwrite,
     )
+    if store.repaired:
+        print(f"mpbatch: {store.repaired}", file=sys.stderr)
     processed = failed = 0
+    start = max(store.next_position, part.start)
+    stopped_by = None
     try:
-        start = store.next_position
-        remaining = range(start, len(samples))
-        if len(remaining):
+        remaining = range(start, part.stop)
+        if len(remaining) == 0:
+            print(f"{out / masks_name}: all {len(part)} images already done", file=sys.stderr)
+        else:
             dataset = ImageFolderDataset(options.data, samples, options.size, indices=remaining)
             bar = tqdm(
-                total=len(samples),
-                initial=start,
+                total=len(part),
+                initial=start - part.start,
                 unit="img",
-                desc="masks",
+                desc=f"masks {shard.tag}" if shard.world > 1 else "masks",
                 disable=not options.progress,
                 dynamic_ncols=True,
             )
-            for batch in _loader(dataset, options, device):
-                written, failures = _process_batch(batch, samples, model, settings, options, store)
-                processed += written
-                failed += len(failures)
-                for _, path, reason in failures:
-                    bar.write(f"skipped {path}: {reason}")
-                bar.update(len(batch["index"]))
+            with StopSignals() as signals:
+                tick = time.perf_counter()
+                for batch in _loader(dataset, options, device):
+                    timings["load"] += time.perf_counter() - tick
+                    written, failures = _process_batch(
+                        batch, samples, model, settings, options, store, timings
+                    )
+                    processed += written
+                    failed += len(failures)
+                    for _, path, reason in failures:
+                        bar.write(f"skipped {path}: {reason}")
+                    bar.update(len(batch["index"]))
+                    tick = time.perf_counter()
+                    if signals.received:
+                        stopped_by = signals.received
+                        break
             bar.close()
+        seconds = time.perf_counter() - started
+        timings["total"] = seconds
+        timings["images_per_s"] = processed / seconds if seconds > 0 else 0.0
+        store.set_attrs(class_names=list(model.class_names), timings=timings)
+        total_rows, done = store.rows, store.next_position >= part.stop
+        next_position, skipped = store.next_position, store.n_failures
+        if stopped_by is None and done:
+            store.finish()
         else:
-            print(f"{out / MASKS_FILE}: all {len(samples)} images already done", file=sys.stderr)
-        store.set_attrs(class_names=list(model.class_names))
-        total_rows = store.rows
+            store.close()
     finally:
         store.close()
-    write_report_csv(out / MASKS_FILE, out / REPORT_FILE)
-    write_failures_csv(out / MASKS_FILE, out / FAILURES_FILE)
+    write_report_csv(out / masks_name, out / report_name)
+    write_failures_csv(out / masks_name, out / failures_name)
+    if stopped_by is not None:
+        raise Interrupted(
+            f"stopped by {stopped_by} after {next_position - part.start} of {len(part)} "
+            f"images of {out / masks_name}; rerun the same command to resume"
+        )
+    if shard.world == 1 and options.evaluation is not None:
+        write_summary(out / masks_name, out, skipped=skipped)
+    elif shard.world > 1 and all_shards_complete(out, shard.world):
+        merge(out)
     return RunResult(out, processed, failed, total_rows, time.perf_counter() - started)
 
 
@@ -304,39 +404,88 @@ def _process_batch(
     settings: MaskSettings,
     options: RunOptions,
     store: MaskStore,
+    timings: dict[str, float],
 ) -> tuple[int, list[tuple[int, str, str]]]:
     positions = batch["index"].tolist()
     ok = batch["ok"].tolist()
     failures = [
         (p, samples[p].path, batch["error"][i]) for i, p in enumerate(positions) if not ok[i]
     ]
+    if failures and options.on_error == "fail":
+        position, path, reason = failures[0]
+        raise DatasetError(f"{path}: {reason} (--on-error fail)")
     good = [i for i in range(len(positions)) if ok[i]]
     columns: dict = {}
     if good:
         device = next(iter(model.buffers())).device
         images = batch["image"][good].to(device, non_blocking=True)
-        labels = torch.tensor([samples[positions[i]].label for i in good], device=device)
-        keys = [samples[positions[i]].path for i in good]
-        columns = explain_batch(model, images, labels, keys, settings, options.target)
-        if options.evaluation is not None:
-            sizes = [(int(batch["width"][i]), int(batch["height"][i])) for i in good]
-            columns.update(
-                evaluate_batch(
-                    model,
-                    images,
-                    1.0 - torch.from_numpy(columns["masks"]).to(device),
-                    torch.from_numpy(columns["target"]).to(device),
-                    [samples[positions[i]] for i in good],
-                    sizes,
-                    options.evaluation,
-                )
-            )
+        rows = [samples[positions[i]] for i in good]
+        sizes = [(int(batch["width"][i]), int(batch["height"][i])) for i in good]
+        columns = _halve_on_oom(
+            lambda lo, hi: _mask_and_score(
+                model, images[lo:hi], rows[lo:hi], sizes[lo:hi], settings, options, timings
+            ),
+            len(good),
+        )
         columns["index"] = np.array([positions[i] for i in good], dtype=np.int64)
-        columns["path"] = keys
-        columns["width"] = batch["width"][good].numpy().astype(np.int64)
-        columns["height"] = batch["height"][good].numpy().astype(np.int64)
+        columns["path"] = [s.path for s in rows]
+        columns["width"] = np.array([w for w, _ in sizes], dtype=np.int64)
+        columns["height"] = np.array([h for _, h in sizes], dtype=np.int64)
+    tick = time.perf_counter()
     store.append(columns, failures, next_position=positions[-1] + 1)
+    timings["write"] += time.perf_counter() - tick
     return len(good), failures
+
+
+def _mask_and_score(model, images, rows, sizes, settings, options, timings) -> dict:
+    device = images.device
+    labels = torch.tensor([s.label for s in rows], device=device)
+    tick = time.perf_counter()
+    columns = explain_batch(model, images, labels, [s.path for s in rows], settings, options.target)
+    timings["optimize"] += time.perf_counter() - tick
+    if options.evaluation is not None:
+        tick = time.perf_counter()
+        columns.update(
+            evaluate_batch(
+                model,
+                images,
+                1.0 - torch.from_numpy(columns["masks"]).to(device),
+                torch.from_numpy(columns["target"]).to(device),
+                rows,
+                sizes,
+                options.evaluation,
+            )
+        )
+        timings["evaluate"] += time.perf_counter() - tick
+    return columns
+
+
+def _halve_on_oom(work, count: int, lo: int = 0, hi: int | None = None) -> dict:
+    """Run work(lo, hi) on rows [lo, hi); on out-of-memory, split in halves and retry.
+
+    Masks do not depend on the batch, so the columns are the same whatever the split.
+    """
+    hi = count if hi is None else hi
+    try:
+        return work(lo, hi)
+    except torch.OutOfMemoryError:
+        if hi - lo <= 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        middle = (lo + hi) // 2
+        print(
+            f"mpbatch: out of memory on {hi - lo} images; retrying as {middle - lo} + "
+            f"{hi - middle}",
+            file=sys.stderr,
+        )
+        first = _halve_on_oom(work, count, lo, middle)
+        second = _halve_on_oom(work, count, middle, hi)
+        return {k: _concat(first[k], second[k]) for k in first}
+
+
+def _concat(a, b):
+    return a + b if isinstance(a, list) else np.concatenate([a, b])
 
 
 def target_boxes(sample: Sample, target: int) -> torch.Tensor | None:
@@ -660,3 +809,54 @@ def evaluate(options: EvaluateOptions) -> Path:
             store.close()
     write_report_csv(scored, out / REPORT_FILE)
     return scored
+
+
+# ------------------------------------------------------------------------------ merge
+def shard_files(out: Path) -> dict[int, dict[int, Path]]:
+    """Shard mask files in `out`, as {world: {rank: path}}."""
+    found: dict[int, dict[int, Path]] = {}
+    for path in sorted(Path(out).glob("masks-*-of-*.h5")):
+        rank_text, _, world_text = path.stem[len("masks-") :].partition("-of-")
+        if rank_text.isdigit() and world_text.isdigit():
+            found.setdefault(int(world_text), {})[int(rank_text)] = path
+    return found
+
+
+def all_shards_complete(out: Path, world: int) -> bool:
+    """True when every shard file of a `world`-way run exists and is marked complete."""
+    import h5py
+
+    files = shard_files(out).get(world, {})
+    if len(files) != world:
+        return False
+    for path in files.values():
+        try:
+            with h5py.File(path, "r") as file:
+                if not file.attrs.get("complete", False):
+                    return False
+        except OSError:
+            return False
+    return True
+
+
+def merge(out: str | Path) -> Path:
+    """Join OUT/masks-IIIII-of-NNNNN.h5 into OUT/masks.h5 with report.csv, failures.csv and
+    the summary; refuses (StoreError) when shards are missing, incomplete or inconsistent."""
+    out = Path(out)
+    found = shard_files(out)
+    if not found:
+        raise StoreError(f"{out}: no shard files (masks-IIIII-of-NNNNN.h5) to merge")
+    if len(found) > 1:
+        raise StoreError(f"{out}: shard files of several world sizes {sorted(found)}; keep one")
+    world, files = next(iter(found.items()))
+    missing = [f"masks-{r:05d}-of-{world:05d}.h5" for r in range(world) if r not in files]
+    if missing:
+        raise StoreError(f"{out}: missing shards {', '.join(missing)}; run them, then merge")
+    merged = out / MASKS_FILE
+    merge_files([files[r] for r in range(world)], merged, compare_keys=RESULT_KEYS)
+    write_report_csv(merged, out / REPORT_FILE)
+    failures = write_failures_csv(merged, out / FAILURES_FILE)
+    _, attrs = read_columns(merged)
+    if attrs["config"].get("evaluation") is not None:
+        write_summary(merged, out, skipped=len(failures))
+    return merged

@@ -13,11 +13,20 @@ Commit protocol: a batch's rows are written first (datasets grown and filled), t
 counters `rows`, `failures` and `next_position` are updated and the file is flushed. Rows
 beyond `rows` are leftovers of an interrupted write and are cut off when the file is
 reopened, so a resumed run never duplicates or skips an image.
+
+HDF5 files are not crash-safe: a process killed in the middle of a write can leave one
+that does not open. So every batch is first written to a small journal file of its own
+(`.masks.parts/part-<next_position>.h5`, written under a temporary name and renamed, so a
+part is either whole or absent), then appended to the main file. When the main file is
+damaged it is moved aside (`*.damaged`) and rebuilt from the journal; when it is behind the
+journal the missing batches are replayed. The journal is deleted once the run completes.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import h5py
@@ -26,6 +35,27 @@ import numpy as np
 FORMAT = "mpbatch-masks-1"
 STRING = h5py.string_dtype("utf-8")
 FAILURE_FIELDS = ("index", "path", "reason")
+
+
+# Crash testing: MPBATCH_KILL_AT="stage:n" kills this process with SIGKILL the n-th time it
+# reaches `stage` ("part-write": journal part written but not yet renamed; "main-write":
+# main file grown but not committed; "after-commit"). Used by tests/test_resume.py only.
+_KILL_AT = os.environ.get("MPBATCH_KILL_AT", "")
+_stage_counts: dict[str, int] = {}
+
+
+def _crash_point(stage: str) -> None:
+    if not _KILL_AT:
+        return
+    _stage_counts[stage] = _stage_counts.get(stage, 0) + 1
+    if _KILL_AT == f"{stage}:{_stage_counts[stage]}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _UncleanShutdown(Exception):
+    """The file was left open for writing by a process that died."""
 
 
 class StoreError(Exception):
@@ -42,6 +72,7 @@ class MaskStore:
     def __init__(self, file: h5py.File, path: Path) -> None:
         self.file = file
         self.path = path
+        self.repaired = ""  # what was repaired on opening, for the log
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -57,20 +88,67 @@ class MaskStore:
         """Create `path`, or reopen it to resume when its config matches `config`.
 
         compare_keys: the config keys that must match to resume (all keys when None).
-        Raises StoreError when the existing file was made with other settings.
+        Raises StoreError when the existing file was made with other settings, or is damaged
+        with no journal to rebuild it from.
         """
         path = Path(path)
-        if path.exists() and not overwrite:
+        parts = journal_dir(path)
+        if overwrite:
+            path.unlink(missing_ok=True)
+            shutil.rmtree(parts, ignore_errors=True)
+        has_journal = bool(_part_files(parts))
+        if path.exists():
             try:
-                file = h5py.File(path, "r+")
-            except OSError as error:
-                raise StoreError(
-                    f"{path}: cannot be opened to resume ({error}); use --overwrite to start over"
-                ) from error
+                store = cls._reopen(path, trust_unclean=not has_journal)
+            except (OSError, KeyError, ValueError) as error:
+                if not has_journal:
+                    raise StoreError(
+                        f"{path} is damaged ({_one_line(error)}) and has no journal to rebuild "
+                        "it from; use --overwrite to start over"
+                    ) from error
+                damaged = path.with_name(path.name + ".damaged")
+                os.replace(path, damaged)
+                store = cls._create(path, _part_config(parts), versions)
+                store.repaired = f"{path} was damaged: moved to {damaged.name}, rebuilt"
+            except _UncleanShutdown:
+                # The last writer died with the file open: HDF5 may hold half-written metadata
+                # that only fails later, so rebuild it from the journal rather than trust it.
+                path.unlink()
+                store = cls._create(path, _part_config(parts), versions)
+                store.repaired = f"{path} was not closed cleanly: rebuilt from its journal"
+        elif has_journal:
+            store = cls._create(path, _part_config(parts), versions)
+        else:
+            return cls._create(path, config, versions)
+        store._check_config(config, compare_keys)
+        store._replay_journal()
+        return store
+
+    @classmethod
+    def _reopen(cls, path: Path, trust_unclean: bool) -> MaskStore:
+        file = h5py.File(path, "r+")
+        try:
+            if file.attrs.get("format") != FORMAT:
+                raise ValueError(f"not an mpbatch mask file (format {file.attrs.get('format')!r})")
+            json.loads(file.attrs["config"])
+            if file.attrs.get("writing", False) and not trust_unclean:
+                raise _UncleanShutdown()
             store = cls(file, path)
-            store._check_config(config, compare_keys)
             store._truncate_to_commit()
-            return store
+            store._mark_writing(True)
+        except BaseException:
+            file.close()
+            raise
+        return store
+
+    def _mark_writing(self, writing: bool) -> None:
+        """The `writing` attribute is True while a process has the file open for writing; a
+        file found with it set was not closed cleanly."""
+        self.file.attrs["writing"] = writing
+        self.file.flush()
+
+    @classmethod
+    def _create(cls, path: Path, config: dict, versions: dict) -> MaskStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         file = h5py.File(path, "w")
         file.attrs["format"] = FORMAT
@@ -83,8 +161,9 @@ class MaskStore:
         group.create_dataset("index", shape=(0,), maxshape=(None,), dtype=np.int64)
         group.create_dataset("path", shape=(0,), maxshape=(None,), dtype=STRING)
         group.create_dataset("reason", shape=(0,), maxshape=(None,), dtype=STRING)
-        file.flush()
-        return cls(file, path)
+        store = cls(file, path)
+        store._mark_writing(True)
+        return store
 
     def _check_config(self, config: dict, compare_keys: list[str] | None) -> None:
         stored = json.loads(self.file.attrs["config"])
@@ -102,11 +181,20 @@ class MaskStore:
         rows, failures = self.rows, self.n_failures
         for dataset in self.file.values():
             if isinstance(dataset, h5py.Dataset) and dataset.shape[0] != rows:
+                if dataset.shape[0] < rows:
+                    raise ValueError(f"dataset {dataset.name} is shorter than the committed rows")
                 dataset.resize(rows, axis=0)
         for field in FAILURE_FIELDS:
             dataset = self.file["failures"][field]
             if dataset.shape[0] != failures:
                 dataset.resize(failures, axis=0)
+
+    def _replay_journal(self) -> None:
+        """Append journal parts that the main file does not hold yet."""
+        for part in _part_files(journal_dir(self.path)):
+            columns, failures, next_position = _read_part(part)
+            if next_position > self.next_position:
+                self._append_main(columns, failures, next_position)
 
     # ---------------------------------------------------------------- state
     @property
@@ -134,23 +222,31 @@ class MaskStore:
         next_position: int,
     ) -> None:
         """Append one batch: `columns` maps a name to B values (B×... arrays for masks and
-        curves; lists of str for strings); `failures` are (index, path, reason) triples."""
+        curves; lists of str for strings); `failures` are (index, path, reason) triples.
+
+        The batch goes to the journal first, then to the main file."""
         lengths = {len(v) for v in columns.values()}
         if len(lengths) > 1:
             raise ValueError(
                 f"columns of different lengths: { {k: len(v) for k, v in columns.items()} }"
             )
+        _write_part(journal_dir(self.path), columns, failures, next_position, self.config)
+        self._append_main(columns, failures, next_position)
+
+    def _append_main(self, columns: dict, failures: list, next_position: int) -> None:
         start = self.rows
-        count = lengths.pop() if lengths else 0
+        count = len(next(iter(columns.values()))) if columns else 0
         if count:
             for name, values in columns.items():
                 self._write_rows(name, values, start, count)
         if failures:
             self._write_failures(failures)
+        _crash_point("main-write")
         self.file.attrs["rows"] = start + count
         self.file.attrs["failures"] = self.n_failures + len(failures)
         self.file.attrs["next_position"] = next_position
         self.file.flush()
+        _crash_point("after-commit")
 
     def _write_rows(self, name: str, values, start: int, count: int) -> None:
         if len(values) and isinstance(values[0], str):
@@ -191,8 +287,16 @@ class MaskStore:
             self.file.attrs[key] = value
         self.file.flush()
 
+    def finish(self) -> None:
+        """Mark the file complete, close it, and delete the journal (no longer needed)."""
+        self.file.attrs["complete"] = True
+        self.close()
+        shutil.rmtree(journal_dir(self.path), ignore_errors=True)
+
     def close(self) -> None:
         if self.file.id.valid:
+            if self.file.mode == "r+":
+                self._mark_writing(False)
             self.file.close()
 
     def __enter__(self) -> MaskStore:
@@ -200,6 +304,71 @@ class MaskStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# -------------------------------------------------------------------- journal
+def journal_dir(path: Path) -> Path:
+    """Where the per-batch journal of a mask file lives: OUT/.<stem>.parts/."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.parts")
+
+
+def _part_files(parts: Path) -> list[Path]:
+    return sorted(parts.glob("part-*.h5")) if parts.is_dir() else []
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _write_part(parts: Path, columns: dict, failures: list, next_position: int, config: dict):
+    """Write one batch as parts/part-<next_position>.h5, atomically (temporary name, rename)."""
+    parts.mkdir(parents=True, exist_ok=True)
+    final = parts / f"part-{next_position:010d}.h5"
+    temporary = parts / f".tmp-{next_position:010d}.h5"
+    with h5py.File(temporary, "w") as file:
+        file.attrs["next_position"] = next_position
+        file.attrs["config"] = json.dumps(config, sort_keys=True)
+        rows = file.create_group("columns")
+        for name, values in columns.items():
+            if len(values) and isinstance(values[0], str):
+                rows.create_dataset(name, data=_string_array(values), dtype=STRING)
+            else:
+                rows.create_dataset(name, data=np.asarray(values))
+        group = file.create_group("failures")
+        group["index"] = np.array([f[0] for f in failures], dtype=np.int64)
+        group.create_dataset("path", data=_string_array([f[1] for f in failures]), dtype=STRING)
+        group.create_dataset("reason", data=_string_array([f[2] for f in failures]), dtype=STRING)
+    with open(temporary, "rb+") as handle:
+        os.fsync(handle.fileno())
+    _crash_point("part-write")
+    os.replace(temporary, final)
+
+
+def _decode(values: np.ndarray) -> np.ndarray | list[str]:
+    if values.dtype == object:
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
+    return values
+
+
+def _read_part(part: Path) -> tuple[dict, list, int]:
+    with h5py.File(part, "r") as file:
+        columns = {name: _decode(d[()]) for name, d in file["columns"].items()}
+        group = file["failures"]
+        failures = list(
+            zip(
+                [int(i) for i in group["index"][()]],
+                _decode(group["path"][()]),
+                _decode(group["reason"][()]),
+                strict=True,
+            )
+        )
+        return columns, failures, int(file.attrs["next_position"])
+
+
+def _part_config(parts: Path) -> dict:
+    with h5py.File(_part_files(parts)[0], "r") as file:
+        return json.loads(file.attrs["config"])
 
 
 # -------------------------------------------------------------------- reading
@@ -249,3 +418,74 @@ def replace_columns(path: str | Path, columns: dict[str, np.ndarray], **attrs) -
             file.create_dataset(name, data=array, maxshape=(None,) + array.shape[1:])
         for key, value in attrs.items():
             file.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+
+
+# -------------------------------------------------------------------- merging shards
+def merge_files(shards: list[Path], dest: str | Path, compare_keys: list[str] | None = None) -> int:
+    """Join complete shard files, in the given order, into one mask file; returns its rows.
+
+    The rows are copied (not linked as HDF5 virtual datasets): the merged file then stands
+    alone, survives the shards being moved or deleted, and the string and failure datasets
+    join the same way as the numbers. A 50,000-image run copies a few hundred MB, seconds.
+    Raises StoreError naming any shard that is incomplete or made with other settings.
+    """
+    dest = Path(dest)
+    configs, columns_list, failures, rows = [], [], [], 0
+    for shard in shards:
+        try:
+            with h5py.File(shard, "r") as file:
+                complete = bool(file.attrs.get("complete", False))
+                config = json.loads(file.attrs["config"])
+                versions = file.attrs["versions"]
+                extra = {k: file.attrs[k] for k in ("class_names", "protocol") if k in file.attrs}
+        except (OSError, KeyError) as error:
+            raise StoreError(f"{shard}: cannot be read ({_one_line(error)})") from error
+        if not complete:
+            raise StoreError(f"{shard} is not complete: rerun its shard to finish it")
+        configs.append(config)
+        columns, _ = read_columns(shard)
+        columns_list.append(columns)
+        failures += read_failures(shard)
+        rows += len(columns.get("path", []))
+    keys = compare_keys or sorted(set(configs[0]) - {"shard"})
+    for shard, config in zip(shards[1:], configs[1:], strict=True):
+        changed = [k for k in keys if config.get(k) != configs[0].get(k)]
+        if changed:
+            raise StoreError(f"{shard} was made with other settings than {shards[0]}: {changed}")
+    config = {k: v for k, v in configs[0].items() if k != "shard"}
+    temporary = dest.with_name(f".{dest.name}.merging")
+    with h5py.File(temporary, "w") as file:
+        file.attrs["format"] = FORMAT
+        file.attrs["config"] = json.dumps(config, sort_keys=True)
+        file.attrs["versions"] = versions
+        file.attrs["rows"] = rows
+        file.attrs["failures"] = len(failures)
+        file.attrs["next_position"] = max((c["shard"]["stop"] for c in configs), default=0)
+        file.attrs["complete"] = True
+        file.attrs["merged_from"] = json.dumps([Path(s).name for s in shards])
+        for key, value in extra.items():
+            file.attrs[key] = value
+        names = [n for n in columns_list[0] if all(n in c for c in columns_list)]
+        for name in names:
+            parts = [c[name] for c in columns_list if len(c[name])]
+            if not parts:
+                continue
+            if parts[0].dtype.kind in "OUS":
+                values = _string_array(np.concatenate(parts))
+                file.create_dataset(name, data=values, dtype=STRING, maxshape=(None,))
+            else:
+                array = np.concatenate(parts)
+                file.create_dataset(name, data=array, maxshape=(None,) + array.shape[1:])
+        group = file.create_group("failures")
+        group.create_dataset(
+            "index", data=np.array([f[0] for f in failures], dtype=np.int64), maxshape=(None,)
+        )
+        for position, field in ((1, "path"), (2, "reason")):
+            group.create_dataset(
+                field,
+                data=_string_array([f[position] for f in failures]),
+                dtype=STRING,
+                maxshape=(None,),
+            )
+    os.replace(temporary, dest)
+    return rows

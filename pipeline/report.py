@@ -1,0 +1,402 @@
+"""Pandas tables from mask files: the per-image report, the failure list, metric summaries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from .store import read_columns, read_failures
+
+# Per-image columns in the order they appear in report.csv (those present in the file).
+REPORT_COLUMNS = [
+    "index",
+    "path",
+    "width",
+    "height",
+    "label",
+    "label_name",
+    "target",
+    "target_name",
+    "pred",
+    "pred_name",
+    "prob_clean",
+    "prob_masked",
+    "loss",
+    "mask_area",
+]
+
+
+def _names(indices: np.ndarray, class_names: list[str]) -> list[str]:
+    return [class_names[i] if 0 <= i < len(class_names) else "" for i in indices]
+
+
+def per_image_table(columns: dict[str, np.ndarray], class_names: list[str]) -> pd.DataFrame:
+    """One row per image: every one-dimensional column of a mask file, plus class names."""
+    table = pd.DataFrame({k: v for k, v in columns.items() if np.ndim(v) == 1})
+    for column in ("label", "target", "pred"):
+        if column in table:
+            table[f"{column}_name"] = _names(table[column].to_numpy(), class_names)
+    first = [c for c in REPORT_COLUMNS if c in table]
+    return table[first + [c for c in table.columns if c not in first]]
+
+
+def write_report_csv(masks_file: str | Path, report_file: str | Path) -> pd.DataFrame:
+    """Write report.csv (one row per masked image) from a mask file; returns the table."""
+    columns, attrs = read_columns(masks_file)
+    table = per_image_table(columns, list(attrs.get("class_names", [])))
+    table.to_csv(report_file, index=False)
+    return table
+
+
+def write_failures_csv(masks_file: str | Path, failures_file: str | Path) -> pd.DataFrame:
+    """Write failures.csv (index, path, reason of every image that could not be used)."""
+    table = pd.DataFrame(read_failures(masks_file), columns=["index", "path", "reason"])
+    table.to_csv(failures_file, index=False)
+    return table
+
+
+# --------------------------------------------------------------------------------------
+# Metric summaries: bootstrap confidence intervals, per-method tables, run comparisons
+# --------------------------------------------------------------------------------------
+
+MASKS_FILE = "masks.h5"
+SUMMARY_CSV = "summary.csv"
+SUMMARY_MD = "summary.md"
+CURVES_PNG = "curves.png"
+
+METRICS = ("deletion_auc", "insertion_auc", "pointing_hit", "pointing_energy")
+METHODS = ("method", "center", "random")
+
+# Summary column -> (per-image column, row selection); "boxes" = images with a finite hit.
+_CI_COLUMNS = (
+    ("deletion_auc", "deletion_auc"),
+    ("insertion_auc", "insertion_auc"),
+    ("pointing_acc", "pointing_hit"),
+    ("pointing_acc_small", "pointing_hit"),
+    ("pointing_energy", "pointing_energy"),
+)
+SUMMARY_COLUMNS = (
+    ["method", "images"]
+    + [
+        name
+        for ci in ("deletion_auc", "insertion_auc", "pointing_acc")
+        for name in (ci, f"{ci}_low", f"{ci}_high")
+    ]
+    + ["pointing_acc_macro"]
+    + [
+        name
+        for ci in ("pointing_acc_small", "pointing_energy")
+        for name in (ci, f"{ci}_low", f"{ci}_high")
+    ]
+    + ["pointing_images", "small_images"]
+)
+
+# Bootstrap resample indices are drawn in blocks of about this many entries (memory bound).
+_BOOTSTRAP_BLOCK = 4_000_000
+
+
+def bootstrap_ci(
+    values: np.ndarray, *, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean, low, high): percentile bootstrap of the mean over the non-NaN values; NaNs if none.
+
+    Non-finite values are dropped first. The interval holds the central `confidence` of the
+    means of `n_resamples` resamples (with replacement, same size); one value gives a
+    zero-width interval. The same values and seed always give the same interval.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if int(n_resamples) < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    x = x[np.isfinite(x)]
+    n = x.size
+    if n == 0:
+        return (float("nan"),) * 3
+    mean = float(x.mean())
+    if n == 1:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    block = max(1, _BOOTSTRAP_BLOCK // n)
+    means = np.empty(int(n_resamples), dtype=np.float64)
+    for lo in range(0, int(n_resamples), block):
+        hi = min(lo + block, int(n_resamples))
+        means[lo:hi] = x[rng.integers(0, n, size=(hi - lo, n))].mean(axis=1)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return mean, float(low), float(high)
+
+
+def macro_accuracy(hits: np.ndarray, classes: np.ndarray) -> float:
+    """Mean over classes of per-class mean hit (NaN hits ignored): TorchRay's 'class-averaged'
+    pointing accuracy. NaN when no image has a finite hit."""
+    hits = np.asarray(hits, dtype=np.float64).reshape(-1)
+    classes = np.asarray(classes).reshape(-1)
+    if hits.shape != classes.shape:
+        raise ValueError(f"{hits.size} hits for {classes.size} classes")
+    keep = np.isfinite(hits)
+    if not keep.any():
+        return float("nan")
+    hits, classes = hits[keep], classes[keep]
+    return float(np.mean([hits[classes == c].mean() for c in np.unique(classes)]))
+
+
+def _prefix(method: str) -> str:
+    return "" if method == "method" else f"{method}_"
+
+
+def _float_column(columns: dict[str, np.ndarray], name: str, rows: int) -> np.ndarray:
+    """A 1-D float64 column, or all-NaN when absent."""
+    if name not in columns:
+        return np.full(rows, np.nan)
+    return np.asarray(columns[name], dtype=np.float64).reshape(rows)
+
+
+def _rows(columns: dict[str, np.ndarray]) -> int:
+    lengths = {len(v) for v in columns.values() if np.ndim(v) >= 1}
+    if len(lengths) > 1:
+        raise ValueError(f"columns of different lengths: {sorted(lengths)}")
+    return lengths.pop() if lengths else 0
+
+
+def _small_rows(columns: dict[str, np.ndarray], rows: int) -> np.ndarray:
+    """Boolean small-object flag per row (NaN / missing = not small)."""
+    small = _float_column(columns, "small_object", rows)
+    return np.nan_to_num(small, nan=0.0) > 0.5
+
+
+def summary_table(
+    columns: dict[str, np.ndarray],
+    methods: tuple[str, ...] = METHODS,
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """One row per method present, with bootstrap 95% intervals (`*_low`, `*_high`).
+
+    "method" reads the unprefixed metric columns (deletion_auc, insertion_auc, pointing_hit,
+    pointing_energy); any other name B reads `B_deletion_auc` etc. A method is present when
+    at least one of its metric columns is. `images` counts rows with a finite deletion AUC;
+    pointing accuracy (micro and macro over `target` classes) and energy are over images
+    with boxes (`pointing_images`), `pointing_acc_small` over the `small_object` rows among
+    them (`small_images`). Lower deletion is better; higher insertion and pointing are better.
+    """
+    rows = _rows(columns)
+    small = _small_rows(columns, rows)
+    classes = np.asarray(columns["target"]).reshape(rows) if "target" in columns else np.zeros(rows)
+    records = []
+    for method in methods:
+        prefix = _prefix(method)
+        if not any(f"{prefix}{m}" in columns for m in METRICS):
+            continue
+        values = {m: _float_column(columns, f"{prefix}{m}", rows) for m in METRICS}
+        hits = values["pointing_hit"]
+        boxes = np.isfinite(hits)
+        record: dict[str, object] = {
+            "method": method,
+            "images": int(np.isfinite(values["deletion_auc"]).sum()),
+        }
+        for name, source in _CI_COLUMNS:
+            selected = values[source][small] if name == "pointing_acc_small" else values[source]
+            mean, low, high = bootstrap_ci(selected, n_resamples=n_resamples, seed=seed)
+            record.update({name: mean, f"{name}_low": low, f"{name}_high": high})
+        record["pointing_acc_macro"] = macro_accuracy(hits, classes)
+        record["pointing_images"] = int(boxes.sum())
+        record["small_images"] = int((boxes & small).sum())
+        records.append(record)
+    return pd.DataFrame(records, columns=SUMMARY_COLUMNS)
+
+
+# Markdown table: (header, summary column, interval?) in display order.
+_MD_COLUMNS = (
+    ("method", "method", False),
+    ("images", "images", False),
+    ("deletion AUC ↓", "deletion_auc", True),
+    ("insertion AUC ↑", "insertion_auc", True),
+    ("pointing acc ↑", "pointing_acc", True),
+    ("pointing acc, class mean ↑", "pointing_acc_macro", False),
+    ("pointing acc, small objects ↑", "pointing_acc_small", True),
+    ("pointing energy ↑", "pointing_energy", True),
+    ("images with boxes", "pointing_images", False),
+    ("small objects", "small_images", False),
+)
+
+
+def _number(value: object, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "n/a"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.{digits}f}"
+    return str(value).replace("|", "\\|")
+
+
+def _cell(row: pd.Series, column: str, interval: bool) -> str:
+    if not interval or not np.isfinite(row[column]):
+        return _number(row[column])
+    low, high = _number(row[f"{column}_low"]), _number(row[f"{column}_high"])
+    return f"{_number(row[column])} [{low}, {high}]"
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """The summary table as a GitHub markdown table, cells 'mean [low, high]'."""
+    lines = [
+        "| " + " | ".join(h for h, _, _ in _MD_COLUMNS) + " |",
+        "|" + "|".join("---" if c == "method" else "---:" for _, c, _ in _MD_COLUMNS) + "|",
+    ]
+    for _, row in table.iterrows():
+        cells = [_cell(row, column, interval) for _, column, interval in _MD_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _describe_value(value: object) -> str:
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_describe_value(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_describe_value(v) for v in value)
+    return str(value)
+
+
+def _markdown_header(
+    title: str, attrs: dict, evaluated: int, skipped: int, n_resamples: int
+) -> str:
+    config = attrs.get("config") if isinstance(attrs.get("config"), dict) else {}
+    protocol = attrs.get("protocol") if isinstance(attrs.get("protocol"), dict) else None
+    weights = f" ({config['weights']} weights)" if config.get("weights") else ""
+    lines = [
+        f"# Saliency evaluation: {title}",
+        "",
+        f"- model: {config.get('model', 'unknown')}{weights}",
+        f"- preset: {config.get('preset', 'unknown')}",
+    ]
+    for key in ("size", "target"):
+        if key in config:
+            lines.append(f"- {key}: {config[key]}")
+    lines += [
+        f"- images evaluated: {evaluated}",
+        f"- images skipped: {skipped}",
+    ]
+    failures = int(attrs.get("failures", 0) or 0)
+    if failures:
+        lines.append(f"- unreadable images recorded in {MASKS_FILE}: {failures}")
+    lines += ["", "## Protocol", ""]
+    if protocol:
+        lines += [f"- {key}: {_describe_value(value)}" for key, value in protocol.items()]
+    else:
+        lines.append(f"- not recorded in {MASKS_FILE}")
+    lines += [
+        "",
+        "## Results",
+        "",
+        f"Means with percentile-bootstrap 95% intervals ({n_resamples} resamples). "
+        "`method` is the learned mask; `center` and `random` are the baselines.",
+        "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _mean_curve(columns: dict[str, np.ndarray], name: str) -> np.ndarray | None:
+    """Mean over the rows whose curve is entirely finite; None when there are none."""
+    if name not in columns or np.ndim(columns[name]) != 2:
+        return None
+    curves = np.asarray(columns[name], dtype=np.float64)
+    curves = curves[np.isfinite(curves).all(axis=1)]
+    return curves.mean(axis=0) if len(curves) else None
+
+
+def mean_curves(
+    columns: dict[str, np.ndarray], methods: tuple[str, ...] = METHODS
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Method -> (mean deletion curve, mean insertion curve), for methods with both curves."""
+    out = {}
+    for method in methods:
+        prefix = _prefix(method)
+        deletion = _mean_curve(columns, f"{prefix}deletion_curve")
+        insertion = _mean_curve(columns, f"{prefix}insertion_curve")
+        if deletion is not None and insertion is not None:
+            out[method] = (deletion, insertion)
+    return out
+
+
+def write_summary(
+    masks_file: str | Path,
+    out_dir: str | Path,
+    *,
+    skipped: int = 0,
+    name: str | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Write OUT/summary.csv, OUT/summary.md and OUT/curves.png; return the summary table.
+
+    summary.md starts with the model, preset, protocol (the file's `protocol` attribute) and
+    the counts evaluated / skipped (`skipped`: images the caller left out), then the table
+    with 'mean [low, high]' cells. curves.png shows the mean deletion and insertion curves
+    of the method and baselines. `name` titles both (default: the out folder's name).
+    """
+    from .visualize import curves_figure, save_figure
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns, attrs = read_columns(masks_file)
+    title = name if name is not None else out_dir.resolve().name
+    table = summary_table(columns, n_resamples=n_resamples, seed=seed)
+    table.to_csv(out_dir / SUMMARY_CSV, index=False)
+
+    evaluated = int(attrs.get("rows", _rows(columns)))
+    header = _markdown_header(title, attrs, evaluated, int(skipped), n_resamples)
+    (out_dir / SUMMARY_MD).write_text(header + markdown_table(table), encoding="utf-8")
+
+    config = attrs.get("config") if isinstance(attrs.get("config"), dict) else {}
+    figure_title = f"{title}: {config.get('model', '')} {config.get('preset', '')}".strip()
+    save_figure(curves_figure(mean_curves(columns), title=figure_title), out_dir / CURVES_PNG)
+    return table
+
+
+def _run_config(folder: Path) -> dict:
+    """The config attribute of folder/masks.h5 (without loading its datasets); {} if none."""
+    path = folder / MASKS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        with h5py.File(path, "r") as file:
+            raw = file.attrs.get("config")
+    except OSError:
+        return {}
+    if isinstance(raw, bytes):
+        raw = raw.decode()
+    try:
+        config = json.loads(raw) if isinstance(raw, str) else {}
+    except ValueError:
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def compare_runs(paths: list[Path]) -> pd.DataFrame:
+    """Side-by-side comparison of runs: one row per (run, method) from each summary.csv.
+
+    A path is a run folder or its summary.csv. Adds `run` (the folder name) and the run's
+    `model` / `preset` from its masks.h5 config (empty when there is no mask file).
+    """
+    tables = []
+    for path in paths:
+        path = Path(path)
+        csv = path / SUMMARY_CSV if path.is_dir() else path
+        if not csv.is_file():
+            raise FileNotFoundError(f"{csv}: no {SUMMARY_CSV} (run write_summary first)")
+        folder = csv.resolve().parent
+        config = _run_config(folder)
+        table = pd.read_csv(csv)
+        table.insert(0, "run", folder.name)
+        table.insert(1, "model", config.get("model", ""))
+        table.insert(2, "preset", config.get("preset", ""))
+        tables.append(table)
+    if not tables:
+        return pd.DataFrame(columns=["run", "model", "preset", *SUMMARY_COLUMNS])
+    return pd.concat(tables, ignore_index=True)

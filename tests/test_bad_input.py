@@ -1,0 +1,138 @@
+"""Bad input never stops the night: every broken file is skipped and reported, every good
+file gets its mask; set-up errors are one clear line."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from cli import main
+from pipeline.runner import _halve_on_oom
+from pipeline.store import read_columns
+
+TINY = "tiny_models:make_tiny_cnn"
+ARGS = [
+    "--model",
+    TINY,
+    "--size",
+    "32",
+    "--iterations",
+    "2",
+    "--mask-size",
+    "8",
+    "--batch-size",
+    "4",
+    "--workers",
+    "0",
+    "--quiet",
+    "--step",
+    "256",
+    "--baselines",
+    "none",
+]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """A folder with good images of every awkward kind and every kind of broken file."""
+    data = tmp_path_factory.mktemp("zoo")
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    good = {
+        "good.jpg": lambda p: Image.fromarray(rgb).save(p, quality=90),
+        "grey.png": lambda p: Image.fromarray(rgb[..., 0]).save(p),
+        "cmyk.jpg": lambda p: Image.fromarray(rgb).convert("CMYK").save(p),
+        "rgba.png": lambda p: Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(p),
+        "deep16.png": lambda p: Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(p),
+        "tiny1x1.png": lambda p: Image.fromarray(rgb[:1, :1]).save(p),
+        "huge.jpg": lambda p: Image.new("RGB", (12000, 9000), (90, 120, 150)).save(p, quality=50),
+    }
+    for name, write in good.items():
+        write(data / name)
+    good_jpeg = (data / "good.jpg").read_bytes()
+    bad = {
+        "empty.jpg": b"",
+        "truncated.jpg": good_jpeg[: len(good_jpeg) // 3],
+        "corrupt.jpg": good_jpeg[:20] + bytes(rng.integers(0, 255, 400, dtype=np.uint8)),
+        "text.png": b"this is not an image\n",
+    }
+    for name, content in bad.items():
+        (data / name).write_bytes(content)
+    os.symlink(data / "nowhere.jpg", data / "dangling.jpg")
+    bad_names = sorted([*bad, "dangling.jpg"])
+    if os.geteuid() != 0:  # root reads files whatever their permissions
+        (data / "locked.png").write_bytes((data / "grey.png").read_bytes())
+        os.chmod(data / "locked.png", 0)
+        bad_names = sorted([*bad_names, "locked.png"])
+    return data, sorted(good), bad_names
+
+
+def test_bad_files_are_skipped_and_listed(zoo, tmp_path) -> None:
+    data, good, bad = zoo
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(data), "-o", str(out), *ARGS])
+    assert result.exit_code == 0, result.output
+    failures = pd.read_csv(out / "failures.csv")
+    assert sorted(failures["path"]) == bad
+    assert failures["reason"].str.len().min() > 3
+    columns, _ = read_columns(out / "masks.h5")
+    assert sorted(columns["path"]) == good
+    assert np.isfinite(columns["masks"]).all() and np.isfinite(columns["deletion_auc"]).all()
+    huge = list(columns["path"]).index("huge.jpg")
+    assert (columns["width"][huge], columns["height"][huge]) == (12000, 9000)
+
+
+def test_on_error_fail_stops_with_the_file_name(zoo, tmp_path) -> None:
+    data, _, bad = zoo
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main, ["run", str(data), "-o", str(out), *ARGS, "--on-error", "fail"]
+    )
+    assert result.exit_code == 2
+    assert any(name in result.output for name in bad) and "--on-error fail" in result.output
+
+
+def test_setup_errors_are_one_line(tmp_path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (tmp_path / "missing", tmp_path / "o1", "missing"),
+        (empty, tmp_path / "o2", "no images"),
+    ]
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    (empty.parent / "ok").mkdir()
+    Image.new("RGB", (8, 8)).save(empty.parent / "ok" / "a.png")
+    cases.append((empty.parent / "ok", blocker / "out", "file"))  # OUT under a regular file
+    for data, out, word in cases:
+        result = CliRunner().invoke(main, ["run", str(data), "-o", str(out), *ARGS])
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and word in lines[0], lines
+
+
+def test_out_of_memory_halves_the_batch_until_it_fits() -> None:
+    calls = []
+
+    def work(lo: int, hi: int) -> dict:
+        calls.append((lo, hi))
+        if hi - lo > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return {"masks": np.arange(lo, hi), "path": [f"p{i}" for i in range(lo, hi)]}
+
+    columns = _halve_on_oom(work, 7)
+    assert list(columns["masks"]) == list(range(7))
+    assert columns["path"] == [f"p{i}" for i in range(7)]
+    assert calls[0] == (0, 7) and all(hi - lo <= 7 for lo, hi in calls)
+
+    def never_fits(lo: int, hi: int) -> dict:
+        raise torch.OutOfMemoryError("simulated")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        _halve_on_oom(never_fits, 4)

@@ -1,0 +1,174 @@
+"""Never lose a night's work: killed runs resume to the same result; signals; damage repair.
+
+Each run is a real `python -m cli run` subprocess on a tiny model, killed with SIGKILL at
+chosen points (store.py's MPBATCH_KILL_AT crash points, or whenever the journal has k
+batches), then rerun without the fault; the result must equal an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.runner import EXIT_INTERRUPTED
+from pipeline.store import journal_dir, read_columns, read_failures
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "tiny_models:make_tiny_cnn"
+ARGS = [
+    "--model",
+    TINY,
+    "--size",
+    "32",
+    "--iterations",
+    "4",
+    "--mask-size",
+    "8",
+    "--batch-size",
+    "3",
+    "--workers",
+    "0",
+    "--quiet",
+    "--step",
+    "128",
+    "--baselines",
+    "center",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for i in range(11):
+        pixels = rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i:02d}.png")
+    (folder / "img05_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return folder
+
+
+def mpbatch(*args: str, env: dict | None = None, wait: bool = True):
+    environment = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    environment.update(env or {})
+    command = [sys.executable, "-m", "cli", *args]
+    if not wait:
+        return subprocess.Popen(
+            command,
+            env=environment,
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+    return subprocess.run(
+        command, env=environment, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    result = mpbatch("run", str(data), "-o", str(out), *ARGS)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    got, got_attrs = read_columns(out / "masks.h5")
+    want, _ = read_columns(reference / "masks.h5")
+    assert set(got) == set(want)
+    assert list(got["path"]) == list(want["path"])
+    assert list(got["index"]) == list(want["index"])  # same rows, same order, no duplicates
+    assert np.array_equal(got["masks"], want["masks"])  # bitwise on CPU
+    for name in want:
+        floats = want[name].dtype.kind == "f"
+        assert np.array_equal(got[name], want[name], equal_nan=floats), name
+    assert read_failures(out / "masks.h5") == read_failures(reference / "masks.h5")
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "report.csv"), pd.read_csv(reference / "report.csv")
+    )
+    assert got_attrs.get("complete") and not journal_dir(out / "masks.h5").exists()
+
+
+@pytest.mark.parametrize("kill_at", ["main-write:2", "part-write:3", "after-commit:1"])
+def test_killed_at_a_write_resumes_to_the_same_file(data, reference, tmp_path, kill_at):
+    out = tmp_path / "out"
+    killed = mpbatch("run", str(data), "-o", str(out), *ARGS, env={"MPBATCH_KILL_AT": kill_at})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = mpbatch("run", str(data), "-o", str(out), *ARGS)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(out, reference)
+
+
+def _wait_for_parts(out: Path, count: int, process, timeout: float = 120) -> None:
+    parts = journal_dir(out / "masks.h5")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"run ended early: {process.stderr.read()}")
+        if parts.is_dir() and len(list(parts.glob("part-*.h5"))) >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the run never wrote the expected batches")
+
+
+def test_killed_mid_batch_resumes(data, reference, tmp_path):
+    out = tmp_path / "out"
+    process = mpbatch("run", str(data), "-o", str(out), *ARGS, wait=False)
+    _wait_for_parts(out, 2, process)
+    process.kill()
+    process.wait()
+    resumed = mpbatch("run", str(data), "-o", str(out), *ARGS)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(out, reference)
+
+
+def test_damaged_file_is_rebuilt_from_the_journal(data, reference, tmp_path):
+    out = tmp_path / "out"
+    killed = mpbatch(
+        "run", str(data), "-o", str(out), *ARGS, env={"MPBATCH_KILL_AT": "after-commit:3"}
+    )
+    assert killed.returncode == -signal.SIGKILL
+    masks = out / "masks.h5"
+    raw = bytearray(masks.read_bytes())
+    raw[: len(raw) // 2] = b"\0" * (len(raw) // 2)  # superblock and metadata gone
+    masks.write_bytes(bytes(raw))
+    resumed = mpbatch("run", str(data), "-o", str(out), *ARGS)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "damaged" in resumed.stderr
+    assert (out / "masks.h5.damaged").exists()  # the damaged file is kept, not deleted
+    assert_same_run(out, reference)
+
+
+def test_sigterm_finishes_the_batch_and_exits_75(data, reference, tmp_path):
+    out = tmp_path / "out"
+    process = mpbatch("run", str(data), "-o", str(out), *ARGS, wait=False)
+    _wait_for_parts(out, 1, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_INTERRUPTED == 75, stderr
+    assert "SIGTERM" in stderr and "resume" in stderr
+    columns, attrs = read_columns(out / "masks.h5")
+    assert 0 < attrs["next_position"] < 12 and len(columns["path"]) == attrs["rows"]
+    resumed = mpbatch("run", str(data), "-o", str(out), *ARGS)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(out, reference)
+
+
+def test_finished_run_does_no_work_and_changed_settings_are_refused(data, reference, tmp_path):
+    again = mpbatch("run", str(data), "-o", str(reference), *ARGS)
+    assert again.returncode == 0 and "already done" in again.stderr
+    assert "0 masks written" in again.stdout
+    changed = mpbatch("run", str(data), "-o", str(reference), *ARGS, "--l1", "0.5")
+    assert changed.returncode == 2 and "other settings" in changed.stderr
+    assert len(changed.stderr.strip().splitlines()) == 1
+    assert_same_run(reference, reference)  # untouched

@@ -1,0 +1,204 @@
+"""Sharding: slices from every launcher's environment, merged shards equal one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cli import main
+from pipeline.datasets import DatasetError, resolve_shard, shard_range
+from pipeline.store import read_columns
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "tiny_models:make_tiny_cnn"
+ARGS = [
+    "--model",
+    TINY,
+    "--size",
+    "32",
+    "--iterations",
+    "3",
+    "--mask-size",
+    "8",
+    "--batch-size",
+    "2",
+    "--workers",
+    "0",
+    "--quiet",
+    "--step",
+    "128",
+    "--baselines",
+    "center,random",
+]
+
+
+def _covered(n: int, shards) -> list[int]:
+    covered = []
+    for shard in shards:
+        covered += list(shard_range(n, shard.rank, shard.world))
+    return covered
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 12, 13])
+def test_every_launcher_environment_covers_each_image_once(n: int) -> None:
+    cases = {
+        "single": [{}],
+        "--shard": [("2/3", {}), ("0/3", {}), ("1/3", {})],
+        "torchrun": [
+            {"RANK": str(r), "WORLD_SIZE": "4", "LOCAL_RANK": str(r % 2)} for r in range(4)
+        ],
+        "srun": [{"SLURM_PROCID": str(r), "SLURM_NTASKS": "3"} for r in range(3)],
+        "array": [
+            {
+                "SLURM_ARRAY_TASK_ID": str(t),
+                "SLURM_ARRAY_TASK_COUNT": "3",
+                "SLURM_ARRAY_TASK_MIN": "1",
+            }
+            for t in (1, 2, 3)
+        ],
+        "array x torchrun": [
+            {
+                "SLURM_ARRAY_TASK_ID": str(t),
+                "SLURM_ARRAY_TASK_COUNT": "2",
+                "SLURM_ARRAY_TASK_MIN": "0",
+                "RANK": str(r),
+                "WORLD_SIZE": "2",
+            }
+            for t in (0, 1)
+            for r in (0, 1)
+        ],
+        "array x srun": [
+            {
+                "SLURM_ARRAY_TASK_ID": str(t),
+                "SLURM_ARRAY_TASK_COUNT": "2",
+                "SLURM_ARRAY_TASK_MIN": "4",
+                "SLURM_PROCID": str(r),
+                "SLURM_NTASKS": "3",
+            }
+            for t in (4, 5)
+            for r in range(3)
+        ],
+    }
+    for name, envs in cases.items():
+        shards = [
+            resolve_shard(e[0], e[1]) if isinstance(e, tuple) else resolve_shard(None, e)
+            for e in envs
+        ]
+        worlds = {s.world for s in shards}
+        assert len(worlds) == 1 and worlds.pop() == len(envs), name
+        covered = _covered(n, shards)
+        assert sorted(covered) == list(range(n)), name  # each image exactly once
+        # contiguous: each shard's slice is a range, in rank order
+        ordered = sorted(shards, key=lambda s: s.rank)
+        assert _covered(n, ordered) == list(range(n)), name
+
+
+def test_torchrun_local_rank_and_bad_specs() -> None:
+    assert resolve_shard(None, {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}).local_rank == 1
+    assert resolve_shard(None, {}).world == 1
+    for spec in ("3/3", "a/b", "1"):
+        with pytest.raises(DatasetError):
+            resolve_shard(spec, {})
+    with pytest.raises(DatasetError, match="outside"):
+        resolve_shard(
+            None,
+            {
+                "SLURM_ARRAY_TASK_ID": "7",
+                "SLURM_ARRAY_TASK_COUNT": "2",
+                "SLURM_ARRAY_TASK_MIN": "0",
+            },
+        )
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+            folder / f"im{i:02d}.png"
+        )
+    (folder / "im03_bad.png").write_bytes(b"")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def single(data, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("single")
+    result = CliRunner().invoke(main, ["run", str(data), "-o", str(out), *ARGS])
+    assert result.exit_code == 0, result.output
+    return read_columns(out / "masks.h5")[0]
+
+
+def _assert_equal(columns: dict, reference: dict) -> None:
+    """Same rows in the same order; numbers equal up to float rounding (shards batch the
+    images differently, and a convolution's rounding can depend on the batch size)."""
+    assert set(columns) == set(reference)
+    for name, values in reference.items():
+        if values.dtype.kind == "f":
+            assert np.allclose(columns[name], values, atol=1e-5, equal_nan=True), name
+        else:
+            assert np.array_equal(columns[name], values), name
+
+
+def test_shards_merged_equal_one_process(data, single, tmp_path) -> None:
+    out = tmp_path / "out"
+    for rank in (0, 2):  # not all shards yet: merge must refuse, naming the missing one
+        args = ["run", str(data), "-o", str(out), "--shard", f"{rank}/3", *ARGS]
+        assert CliRunner().invoke(main, args).exit_code == 0
+    refused = CliRunner().invoke(main, ["merge", str(out)])
+    assert refused.exit_code == 2 and "masks-00001-of-00003.h5" in refused.output
+    assert not (out / "masks.h5").exists()
+
+    args = ["run", str(data), "-o", str(out), "--shard", "1/3", *ARGS]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    # the last shard to finish merged automatically; an explicit merge gives the same
+    automatic = read_columns(out / "masks.h5")[0]
+    _assert_equal(automatic, single)
+    assert CliRunner().invoke(main, ["merge", str(out)]).exit_code == 0
+    _assert_equal(read_columns(out / "masks.h5")[0], single)
+    assert (out / "report.csv").exists() and (out / "summary.csv").exists()
+
+
+def test_merge_refuses_shards_with_other_settings(data, tmp_path) -> None:
+    out = tmp_path / "out"
+    CliRunner().invoke(main, ["run", str(data), "-o", str(out), "--shard", "0/2", *ARGS])
+    CliRunner().invoke(
+        main, ["run", str(data), "-o", str(out), "--shard", "1/2", *ARGS, "--tv", "0.5"]
+    )
+    refused = CliRunner().invoke(main, ["merge", str(out)])
+    assert refused.exit_code == 2 and "other settings" in refused.output
+
+
+def test_torchrun_two_processes_equal_one_process(data, single, tmp_path) -> None:
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--master-port=0",
+        str(ROOT / "cli.py"),
+        "run",
+        str(data),
+        "-o",
+        str(out),
+        *ARGS,
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "masks-00000-of-00002.h5").exists()
+    assert (out / "masks-00001-of-00002.h5").exists()
+    _assert_equal(read_columns(out / "masks.h5")[0], single)
