@@ -138,6 +138,8 @@ class RunResult:
     failed: int  # images that failed in this invocation
     total_rows: int  # rows in the mask file now
     seconds: float
+    masks_file: Path | None = None
+    timings: dict = field(default_factory=dict)  # seconds loading, optimising, evaluating, ...
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -374,7 +376,8 @@ def run(options: RunOptions) -> RunResult:
         seconds = time.perf_counter() - started
         timings["total"] = seconds
         timings["images_per_s"] = processed / seconds if seconds > 0 else 0.0
-        store.set_attrs(class_names=list(model.class_names), timings=timings)
+        protocol = None if options.evaluation is None else options.evaluation.describe()
+        store.set_attrs(class_names=list(model.class_names), timings=timings, protocol=protocol)
         total_rows, done = store.rows, store.next_position >= part.stop
         next_position, skipped = store.next_position, store.n_failures
         if stopped_by is None and done:
@@ -394,7 +397,15 @@ def run(options: RunOptions) -> RunResult:
         write_summary(out / masks_name, out, skipped=skipped)
     elif shard.world > 1 and all_shards_complete(out, shard.world):
         merge(out)
-    return RunResult(out, processed, failed, total_rows, time.perf_counter() - started)
+    return RunResult(
+        out,
+        processed,
+        failed,
+        total_rows,
+        time.perf_counter() - started,
+        out / masks_name,
+        timings,
+    )
 
 
 def _process_batch(
@@ -544,10 +555,20 @@ def evaluate_batch(
 
 
 def describe(result: RunResult) -> str:
-    return (
+    """Two lines for the end of a run: what was written, and where the time went."""
+    line = (
         f"{result.processed} masks written, {result.failed} images skipped, "
-        f"{result.total_rows} in {result.out / MASKS_FILE} ({result.seconds:.1f} s)"
+        f"{result.total_rows} in {result.masks_file or result.out / MASKS_FILE} "
+        f"({result.seconds:.1f} s)"
     )
+    t = result.timings
+    if result.processed and t:
+        line += (
+            f"\ntime: loading {t['load']:.1f} s, optimising {t['optimize']:.1f} s, "
+            f"evaluating {t['evaluate']:.1f} s, writing {t['write']:.1f} s; "
+            f"{t['images_per_s']:.2f} images/s"
+        )
+    return line
 
 
 def render_figures(out: str | Path, dest: str | Path, limit: int | None = None) -> list[Path]:
@@ -808,6 +829,7 @@ def evaluate(options: EvaluateOptions) -> Path:
         finally:
             store.close()
     write_report_csv(scored, out / REPORT_FILE)
+    write_summary(scored, out, skipped=len(failures))
     return scored
 
 
