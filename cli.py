@@ -76,6 +76,25 @@ def _evaluation_options(function):
     return function
 
 
+def _method_overrides(method: str, options: dict) -> dict:
+    """The method options given on the command line; refuses those the method has not."""
+    import dataclasses
+
+    from pipeline.extremal import ExtremalSettings
+    from pipeline.optimize import MaskSettings
+
+    given = {k: v for k, v in options.items() if v is not None}
+    if "areas" in given:
+        given["areas"] = tuple(float(a) for a in given["areas"].split(","))
+    settings = ExtremalSettings if method == "extremal" else MaskSettings
+    known = {f.name for f in dataclasses.fields(settings)}
+    foreign = sorted(set(given) - known)
+    if foreign:
+        flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        raise click.UsageError(f"{flags} does not apply to --method {method}")
+    return given
+
+
 def _eval_options(step, tolerance, eval_batch_size, baselines):
     from pipeline.runner import EvalOptions
 
@@ -123,6 +142,33 @@ def main() -> None:
 @click.option("--perturbation", type=click.Choice(PERTURBATIONS), help="Perturbation substrate.")
 @click.option("--blur-sigma", type=float, help="Sigma of the Gaussian blur substrate.")
 @click.option("--seed", type=int, help="Run seed; each image's noise is seeded by it and its path.")
+@click.option(
+    "--method",
+    type=click.Choice(["meaningful", "extremal"]),
+    default="meaningful",
+    show_default=True,
+    help="Meaningful perturbations (Fong & Vedaldi 2017) or extremal perturbations (2019).",
+)
+@click.option("--areas", default=None, help="Extremal: target areas, e.g. 0.05,0.1,0.2.")
+@click.option(
+    "--variant",
+    type=click.Choice(["preserve", "delete", "dual"]),
+    default=None,
+    help="Extremal: which game (default preserve).",
+)
+@click.option(
+    "--reward",
+    type=click.Choice(["simple", "contrastive"]),
+    default=None,
+    help="Extremal: logit of the target, or target minus the best other class.",
+)
+@click.option("--smooth", type=float, default=None, help="Extremal: smooth-max temperature.")
+@click.option(
+    "--area",
+    type=int,
+    default=None,
+    help="Extremal: score the mask of this area (index); default the sum over areas.",
+)
 @click.option(
     "--target",
     type=click.Choice(["label", "predicted"]),
@@ -202,6 +248,8 @@ def run(
     baselines,
     shard,
     on_error,
+    method,
+    area,
     overwrite,
     quiet,
     **mask_options,
@@ -220,7 +268,7 @@ def run(
         model=model,
         weights=weights,
         preset=preset,
-        overrides={k: v for k, v in mask_options.items() if v is not None},
+        overrides=_method_overrides(method, mask_options),
         size=size,
         target=target,
         batch_size=batch_size,
@@ -234,6 +282,8 @@ def run(
         progress=not quiet,
         shard=shard,
         on_error=on_error,
+        method=method,
+        area=area,
         evaluation=_eval_options(step, tolerance, eval_batch_size, baselines) if metrics else None,
     )
     click.echo(describe(run_pipeline(options)))

@@ -4,16 +4,21 @@ Every function here works in pixel space (float tensors in [0, 1], shape B×3×H
 substrate means the same thing for every model; the model wrapper normalises afterwards.
 A substrate is computed once per batch, on the batch's device, and reused by every iteration
 of the mask optimisation.
+
+Besides the single substrates p(x) of `make_substrate`, `blur_pyramid` / `apply_blur_pyramid`
+give the mask-dependent blur of extremal perturbations (Fong, Patrick & Vedaldi, ICCV 2019):
+the blur strength at each pixel is a function of the mask value there.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-SUBSTRATES = ("blur-median", "blur", "constant")
+SUBSTRATES = ("blur-median", "blur", "constant", "noise")
 
 
 def gaussian_kernel1d(kernel_size: int, sigma: float, device=None) -> torch.Tensor:
@@ -89,6 +94,41 @@ def blur_median_substrate(
     return 0.5 * (gaussian_blur(images, sigma, kernel_size) + median_blur(images, kernel_size))
 
 
+def noise_substrate(
+    images: torch.Tensor,
+    sigma: float | Sequence[float] = 0.25,
+    mean_colour: torch.Tensor | Sequence[float] | None = None,
+    generators: list[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """Pure Gaussian noise around a colour, clipped to [0, 1]: B×3×H×W.
+
+    Pixel (b, c, y, x) = clip(μ_c + σ_c · ε, 0, 1), ε ~ N(0, 1) i.i.d. per pixel and channel:
+    the image content is discarded (Fong & Vedaldi 2017's "noise" perturbation, where masked
+    pixels are replaced by i.i.d. noise samples). μ = mean_colour (3 values, e.g. the model's
+    normalisation mean; default 0.5 grey); σ is a scalar or 3 values in pixel units (default 0.25,
+    about the per-channel std of ImageNet pixels, i.e. roughly unit-variance noise after the usual
+    normalisation). Clipping makes the actual std a little smaller than σ.
+
+    generators: one torch.Generator per image, on the images' device; image b's noise is drawn
+    from generators[b] alone (exactly torch.randn(3, H, W, generator=generators[b])), so it does
+    not depend on batch neighbours. None: the global RNG, which is NOT batch invariant.
+    """
+    batch = images.shape[0]
+    if generators is not None and len(generators) != batch:
+        raise ValueError(f"need one generator per image: {len(generators)} for {batch} images")
+    mean = 0.5 if mean_colour is None else mean_colour
+    mean = torch.as_tensor(mean, dtype=images.dtype).to(images.device).reshape(-1, 1, 1)
+    scale = torch.as_tensor(sigma, dtype=images.dtype).to(images.device).reshape(-1, 1, 1)
+    # contiguous, so that normal_ on noise[b] draws what torch.randn(3, H, W) would
+    noise = torch.empty(images.shape, dtype=images.dtype, device=images.device)
+    if generators is None:
+        noise.normal_()
+    else:
+        for b, generator in enumerate(generators):
+            noise[b].normal_(generator=generator)
+    return (mean + scale * noise).clamp_(0.0, 1.0)
+
+
 def make_substrate(
     images: torch.Tensor,
     kind: str,
@@ -96,11 +136,15 @@ def make_substrate(
     blur_sigma: float = 5.0,
     blur_kernel: int | None = 11,
     mean_colour: torch.Tensor | None = None,
+    noise_sigma: float | Sequence[float] = 0.25,
+    generators: list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """The perturbed image p(x) for a batch, B×3×H×W in pixel space.
 
-    kind: "blur-median" (seed preset), "blur" (Gaussian, σ = blur_sigma; the paper's), or
-    "constant" (every pixel = mean_colour, shape (3,), e.g. the model's normalisation mean).
+    kind: "blur-median" (seed preset), "blur" (Gaussian, σ = blur_sigma; the paper's),
+    "constant" (every pixel = mean_colour, shape (3,), e.g. the model's normalisation mean), or
+    "noise" (see noise_substrate: N(mean_colour or 0.5, noise_sigma²) per pixel, clipped to
+    [0, 1], drawn from the per-image `generators` when given).
     """
     if kind == "blur-median":
         return blur_median_substrate(images, blur_kernel or 11, blur_sigma)
@@ -111,4 +155,75 @@ def make_substrate(
             raise ValueError("the constant substrate needs mean_colour")
         colour = torch.as_tensor(mean_colour).to(images).view(1, 3, 1, 1)
         return colour.expand_as(images).clone()
+    if kind == "noise":
+        return noise_substrate(images, noise_sigma, mean_colour, generators)
     raise ValueError(f"unknown perturbation {kind!r}; choose from {', '.join(SUBSTRATES)}")
+
+
+# ----------------------------------------------------------------------------- blur pyramid
+def blur_pyramid(
+    images: torch.Tensor,
+    max_sigma: float = 20.0,
+    levels: int = 8,
+    padding_mode: str = "reflect",
+) -> torch.Tensor:
+    """Progressively blurred copies of a batch: L×B×3×H×W (L = levels ≥ 2), no gradient.
+
+    Level l is the Gaussian blur with σ_l = max_sigma · l / (L − 1): level 0 is the image itself
+    (σ = 0, an exact copy), level L − 1 the strongest blur (σ = max_sigma). This is TorchRay's
+    blur pyramid (8 levels, σ_max 20 by default) in reverse order. Kernels span ±3σ (TorchRay:
+    ±4σ) and are shrunk to fit small images; borders are reflected (TorchRay pads the normalised
+    image with zeros, which fades the border towards the mean colour).
+    """
+    if levels < 2:
+        raise ValueError(f"a blur pyramid needs at least 2 levels, got {levels}")
+    if max_sigma <= 0:
+        raise ValueError(f"max_sigma must be positive, got {max_sigma}")
+    with torch.no_grad():
+        stack = [
+            gaussian_blur(images, max_sigma * level / (levels - 1), padding_mode=padding_mode)
+            for level in range(levels)
+        ]
+        return torch.stack(stack).detach()
+
+
+def apply_blur_pyramid(
+    pyramid: torch.Tensor,
+    masks: torch.Tensor,
+    image_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Blur each pixel by an amount set by its mask value: N×3×H×W, differentiable in the masks.
+
+    pyramid:     L×B×3×H×W from blur_pyramid.
+    masks:       N×1×H×W or N×H×W in [0, 1]; 1 = the pixel as it is, 0 = the strongest blur.
+    image_index: N long, which pyramid image each mask applies to (several masks per image
+                 without copying the pyramid); None: N = B and mask n applies to image n.
+
+    The mask value m picks the fractional level t = (1 − m)(L − 1), i.e. the blur
+    σ(m) = (1 − m) · σ_max at the pyramid's levels, and the output interpolates linearly between
+    the two neighbouring levels ⌊t⌋ and ⌊t⌋ + 1 (TorchRay's Perturbation.apply). m = 1 returns
+    the image exactly, m = 0 the strongest level exactly; the gradient in m is the difference
+    of the neighbouring levels, one-sided (and non-zero) at m = 0 and m = 1. Values outside
+    [0, 1] (rounding) extrapolate linearly from the end levels.
+    """
+    levels, batch, channels, height, width = pyramid.shape
+    if masks.dim() == 4:
+        if masks.shape[1] != 1:
+            raise ValueError(f"masks must be N×1×H×W or N×H×W, got {tuple(masks.shape)}")
+        masks = masks[:, 0]
+    count = masks.shape[0]
+    if masks.shape[-2:] != (height, width):
+        raise ValueError(f"masks {tuple(masks.shape)} do not match images {height}×{width}")
+    if image_index is None:
+        if count != batch:
+            raise ValueError(f"{count} masks for {batch} images; pass image_index")
+        image_index = torch.arange(batch, device=masks.device)
+    position = (1.0 - masks) * (levels - 1)  # not clamped: clamp has no gradient at 0 and 1
+    lower = position.detach().floor().clamp_(0, levels - 2)
+    weight = (position - lower).unsqueeze(1)  # N×1×H×W in [0, 1]
+    flat = pyramid.reshape(levels * batch, channels, height * width)
+    base = (lower.long() * batch + image_index.view(-1, 1, 1)).view(count, 1, height * width)
+    index = base.expand(count, channels, height * width)
+    below = flat.gather(0, index).view(count, channels, height, width)
+    above = flat.gather(0, index + batch).view(count, channels, height, width)
+    return (1.0 - weight) * below + weight * above

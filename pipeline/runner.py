@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import __version__
@@ -30,6 +31,7 @@ from .datasets import (
     resolve_shard,
     shard_range,
 )
+from .extremal import ExtremalSettings, extremal_masks, extremal_saliency
 from .metrics import (
     BASELINES,
     CurveProtocol,
@@ -40,7 +42,7 @@ from .metrics import (
 )
 from .models import NormalizedClassifier, load_model
 from .optimize import PRESETS, MaskSettings, image_seed, optimize_masks, upsample_masks
-from .perturbations import make_substrate
+from .perturbations import apply_blur_pyramid, blur_pyramid, make_substrate
 from .report import write_failures_csv, write_report_csv, write_summary
 from .store import MaskStore, StoreError, merge_files, read_columns, replace_columns
 
@@ -123,9 +125,16 @@ class RunOptions:
     progress: bool = True
     shard: str | None = None  # "I/N"; None: from the environment (torchrun, SLURM)
     on_error: str = "skip"  # "skip" bad images (listed in failures.csv) or "fail"
+    method: str = "meaningful"  # "meaningful" (Fong & Vedaldi 2017) or "extremal" (2019)
+    area: int | None = None  # extremal: score this area's mask (index), else the sum over areas
     evaluation: EvalOptions | None = field(default_factory=lambda: EvalOptions())
 
-    def mask_settings(self) -> MaskSettings:
+    def mask_settings(self) -> MaskSettings | ExtremalSettings:
+        """The method's settings: the preset with the CLI's overrides (extremal: its own)."""
+        if self.method == "extremal":
+            return ExtremalSettings().replace(**self.overrides)
+        if self.method != "meaningful":
+            raise ValueError(f"unknown method {self.method!r}; choose meaningful or extremal")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
         return PRESETS[self.preset].replace(**self.overrides)
@@ -177,7 +186,9 @@ def run_config(options: RunOptions, layout: str, settings: MaskSettings) -> dict
         "model": options.model,
         "weights": options.weights,
         "preset": options.preset,
+        "method": options.method,
         "mask": settings.to_dict(),
+        "area": options.area,
         "size": options.size,
         "target": options.target,
         "limit": options.limit,
@@ -219,13 +230,29 @@ def explain_batch(
     images: torch.Tensor,
     labels: torch.Tensor,
     keys: list[str],
-    settings: MaskSettings,
+    settings: MaskSettings | ExtremalSettings,
     target_mode: str,
 ) -> dict[str, np.ndarray]:
     """Classify and mask one batch; returns the per-image columns of the mask file."""
     probs = classify(model, images)
     predictions = probs.argmax(dim=1)
     targets = choose_targets(labels, predictions, target_mode)
+    common = {
+        "label": labels.cpu().numpy().astype(np.int64),
+        "target": targets.cpu().numpy().astype(np.int64),
+        "pred": predictions.cpu().numpy().astype(np.int64),
+        "prob_clean": probs.gather(1, targets.view(-1, 1))[:, 0].cpu().numpy(),
+    }
+    seeds = [image_seed(settings.seed, key) for key in keys]
+    if isinstance(settings, ExtremalSettings):
+        result = extremal_masks(model, images, targets, seeds, settings)
+        masks = result.masks  # B×A×s×s, 1 = the salient region
+        return {
+            **common,
+            "masks": masks.cpu().numpy().astype(np.float32),
+            "reward": result.rewards.float().cpu().numpy(),
+            "mask_area": masks.flatten(2).mean(2).cpu().numpy(),
+        }
     substrate = make_substrate(
         images,
         settings.perturbation,
@@ -233,19 +260,33 @@ def explain_batch(
         blur_kernel=settings.blur_kernel,
         mean_colour=model.mean,
     )
-    seeds = [image_seed(settings.seed, key) for key in keys]
     result = optimize_masks(model, images, targets, seeds, settings, substrate=substrate)
     masks = result.masks[:, 0]
     return {
+        **common,
         "masks": masks.cpu().numpy().astype(np.float32),
-        "label": labels.cpu().numpy().astype(np.int64),
-        "target": targets.cpu().numpy().astype(np.int64),
-        "pred": predictions.cpu().numpy().astype(np.int64),
-        "prob_clean": probs.gather(1, targets.view(-1, 1))[:, 0].cpu().numpy(),
         "prob_masked": result.prob_masked.float().cpu().numpy(),
         "loss": result.loss.float().cpu().numpy(),
         "mask_area": (1.0 - masks).flatten(1).mean(1).cpu().numpy(),
     }
+
+
+def saliency_from_masks(
+    masks: np.ndarray | torch.Tensor,
+    method: str = "meaningful",
+    area: int | None = None,
+    game: str = "delete",
+) -> torch.Tensor:
+    """Saliency (higher = more important) B×h×w from stored masks.
+
+    meaningful: masks B×h×w with 1 = kept; the deletion game's saliency is 1 − m, the
+    preservation game's is m. extremal: masks B×A×h×w with 1 = salient; the sum over areas
+    (as the published benchmark scores them) or the mask of one area.
+    """
+    masks = torch.as_tensor(masks)
+    if method == "extremal":
+        return extremal_saliency(masks, area)
+    return masks if game == "preserve" else 1.0 - masks
 
 
 def _loader(dataset, options: RunOptions, device: torch.device):
@@ -456,11 +497,14 @@ def _mask_and_score(model, images, rows, sizes, settings, options, timings) -> d
     timings["optimize"] += time.perf_counter() - tick
     if options.evaluation is not None:
         tick = time.perf_counter()
+        saliency = saliency_from_masks(
+            columns["masks"], options.method, options.area, getattr(settings, "game", "delete")
+        )
         columns.update(
             evaluate_batch(
                 model,
                 images,
-                1.0 - torch.from_numpy(columns["masks"]).to(device),
+                saliency.to(device),
                 torch.from_numpy(columns["target"]).to(device),
                 rows,
                 sizes,
@@ -580,7 +624,7 @@ def render_figures(out: str | Path, dest: str | Path, limit: int | None = None) 
     masks_file = out / MASKS_FILE if out.is_dir() else out
     columns, attrs = read_columns(masks_file)
     config = attrs["config"]
-    settings = MaskSettings(**config["mask"])
+    method = config.get("method", "meaningful")
     names = list(attrs.get("class_names", []))
     data, size = Path(config["data"]), int(config["size"])
     mean = torch.tensor(config.get("normalization", {}).get("mean", [0.5, 0.5, 0.5]))
@@ -590,23 +634,40 @@ def render_figures(out: str | Path, dest: str | Path, limit: int | None = None) 
         relative = str(columns["path"][row])
         pixels, _, _ = decode_image(data / relative)
         image = resize_image(pixels, size)[None]
-        mask = torch.from_numpy(columns["masks"][row])[None, None]
-        substrate = make_substrate(
-            image,
-            settings.perturbation,
-            blur_sigma=settings.blur_sigma,
-            blur_kernel=settings.blur_kernel,
-            mean_colour=mean,
-        )
-        up = upsample_masks(mask, (size, size), settings.mask_blur_sigma)
-        perturbed = image * up + substrate * (1 - up)
+        masks = torch.from_numpy(columns["masks"][row])[None]
         target = int(columns["target"][row])
         name = names[target] if 0 <= target < len(names) else str(target)
-        title = (
-            f"{relative}: {name} — p(clean) {columns['prob_clean'][row]:.3f}, "
-            f"p(perturbed) {columns['prob_masked'][row]:.3f}"
+        if method == "extremal":
+            settings = ExtremalSettings(
+                **{**config["mask"], "areas": tuple(config["mask"]["areas"])}
+            )
+            middle = masks.shape[1] // 2  # show the middle area's preserved image
+            keep = F.interpolate(masks[:, middle : middle + 1], (size, size), mode="bilinear")
+            pyramid = blur_pyramid(image, settings.max_blur_sigma, settings.pyramid_levels)
+            perturbed = apply_blur_pyramid(pyramid, keep)
+            title = (
+                f"{relative}: {name} — p(clean) {columns['prob_clean'][row]:.3f}; "
+                f"middle: area {settings.areas[middle]:g} preserved"
+            )
+        else:
+            settings = MaskSettings(**config["mask"])
+            substrate = make_substrate(
+                image,
+                settings.perturbation,
+                blur_sigma=settings.blur_sigma,
+                blur_kernel=settings.blur_kernel,
+                mean_colour=mean,
+            )
+            up = upsample_masks(masks[:, None], (size, size), settings.mask_blur_sigma)
+            perturbed = image * up + substrate * (1 - up)
+            title = (
+                f"{relative}: {name} — p(clean) {columns['prob_clean'][row]:.3f}, "
+                f"p(perturbed) {columns['prob_masked'][row]:.3f}"
+            )
+        saliency = saliency_from_masks(
+            masks, method, config.get("area"), config["mask"].get("game", "delete")
         )
-        figure = saliency_panel(image[0], perturbed[0], 1.0 - mask[0, 0], title)
+        figure = saliency_panel(image[0], perturbed[0], saliency[0], title)
         path = dest / (Path(relative).with_suffix("").as_posix().replace("/", "__") + ".png")
         save_figure(figure, path)
         written.append(path)
@@ -690,7 +751,13 @@ def read_saliency_source(options: EvaluateOptions) -> SaliencySource:
         raise DatasetError(f"{source}: not a readable HDF5 file ({error})") from error
     if is_run:
         columns, attrs = read_columns(source)
-        saliency = 1.0 - columns["masks"].astype(np.float32)
+        config = attrs["config"]
+        saliency = saliency_from_masks(
+            columns["masks"].astype(np.float32),
+            config.get("method", "meaningful"),
+            config.get("area"),
+            config.get("mask", {}).get("game", "delete"),
+        ).numpy()
         paths = [str(p) for p in columns["path"]]
         return SaliencySource(paths, saliency, columns["target"], source, attrs["config"])
     with h5py.File(source, "r") as file:

@@ -240,3 +240,19 @@ def test_evaluate_baseline_and_bad_sources(class_folders, tmp_path) -> None:
         file["something"] = np.zeros(3)
     result = CliRunner().invoke(main, ["evaluate", str(bad), "-o", str(tmp_path / "b"), *common])
     assert result.exit_code == 2 and "bad.h5" in result.output and "saliency" in result.output
+
+
+def test_extremal_method_end_to_end(class_folders, tmp_path) -> None:
+    out = tmp_path / "out"
+    args = ["run", str(class_folders), "-o", str(out), "--model", TINY, "--size", "32",
+            "--workers", "0", "--quiet", "--method", "extremal", "--iterations", "3",
+            "--areas", "0.1,0.3", "--limit", "3", *METRIC_ARGS, "--baselines", "none"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    columns = _columns(out / "masks.h5")
+    assert columns["masks"].shape[:2] == (3, 2)  # the area axis is kept
+    assert columns["deletion_curve"].shape == (3, 17)
+    figures = CliRunner().invoke(main, ["show", str(out), "-o", str(tmp_path / "fig")])
+    assert figures.exit_code == 0, figures.output
+    refused = CliRunner().invoke(main, [*args, "--tv", "0.3"])
+    assert refused.exit_code == 2 and "--tv" in refused.output

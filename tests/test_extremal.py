@@ -1,0 +1,238 @@
+"""Batched extremal perturbations: batch equivalence, the area constraint, the three variants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import BrightRegionModel, TinyCNN
+
+from pipeline.extremal import (
+    ExtremalSettings,
+    MaskGenerator,
+    area_loss,
+    area_references,
+    extremal_masks,
+    extremal_saliency,
+    grid_shape,
+    mask_kernel,
+    render_masks,
+    reward_scores,
+)
+from pipeline.optimize import image_seed
+
+# Cheap settings for the equivalence tests: 3×3 taps per pixel, few iterations.
+FAST = ExtremalSettings(
+    iterations=20, lr=0.1, step=4, sigma=4.0, max_blur_sigma=3.0, pyramid_levels=4, mask_size=16
+)
+
+# The published settings scaled from 224² to 32² images: step 7 → 2, σ 21 → 3, blur σ 20 → 3,
+# area weight 300 × (32² / 224²) ≈ 6 (the penalty is a mean over pixels). 300 iterations, lr 0.1,
+# the weight growing ×100 over the run (published: ×16 over 800 iterations, see the report).
+SCALED = ExtremalSettings(
+    iterations=300,
+    lr=0.1,
+    step=2,
+    sigma=3.0,
+    max_blur_sigma=3.0,
+    area_weight=6.0,
+    area_weight_growth=100 ** (1 / 300),
+    mask_size=0,
+)
+
+REGION = (13, 13, 19, 19)  # 6×6 bright square, symmetric under the horizontal-flip jitter
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: on a busy machine extra intra-op threads only spin (a 300-
+    iteration run took 5 s with one thread and 220 s with two on the shared 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _seeds(n: int) -> list[int]:
+    return [image_seed(0, f"img_{i}.png") for i in range(n)]
+
+
+def _bright_square(n: int = 1) -> tuple[torch.nn.Module, torch.Tensor]:
+    """BrightRegionModel on 32² images: dark 0.1 everywhere but a bright 0.9 square on its
+    region, so blurring the square (and only that) lowers class 0's logit."""
+    top, left, bottom, right = REGION
+    images = torch.full((n, 3, 32, 32), 0.1)
+    images[:, :, top:bottom, left:right] = 0.9
+    return _frozen(BrightRegionModel(size=32, region=REGION)), images
+
+
+# ----------------------------------------------------------------------------- mask generator
+def test_grid_and_kernel() -> None:
+    assert grid_shape((224, 224), 7) == (32, 32)
+    assert grid_shape((227, 100), 7) == (33, 15)
+    d = torch.tensor([0.0, 10.5, 21.0, 31.5])
+    expected = torch.tensor([1.0, 1.0, math.exp(-0.5), math.exp(-2.0)])
+    assert torch.allclose(mask_kernel(d, 21.0), expected)
+
+
+def test_one_grid_point_makes_one_kernel_blob() -> None:
+    generator = MaskGenerator((30, 30), step=3, sigma=4.0, smooth=0.0, device="cpu")
+    assert generator.grid == (10, 10)
+    params = torch.zeros(1, 10, 10)
+    params[0, 4, 6] = 0.8
+    mask = generator(params)[0]
+    # grid point (i, j) sits at pixel (offset + 3i, offset + 3j), offset = (29 − 27)/2 = 1
+    ys, xs = torch.meshgrid(torch.arange(30.0), torch.arange(30.0), indexing="ij")
+    distance = torch.sqrt((ys - 13) ** 2 + (xs - 19) ** 2)
+    blob = 0.8 * mask_kernel(distance, 4.0)
+    near = distance <= 1.5 * 4.0  # every grid point this close is among a pixel's taps
+    assert torch.allclose(mask[near], blob[near], atol=1e-6)
+    assert (mask <= blob + 1e-6).all()  # farther taps can only be left out
+    assert mask.max().item() == pytest.approx(0.8)
+
+
+def test_smooth_max_is_below_the_max_and_tends_to_it() -> None:
+    params = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0))
+    hard = MaskGenerator((24, 24), 3, 4.0, 0.0, "cpu")(params)
+    soft = MaskGenerator((24, 24), 3, 4.0, 0.05, "cpu")(params)
+    sharp = MaskGenerator((24, 24), 3, 4.0, 1e-4, "cpu")(params)
+    assert (soft <= hard + 1e-6).all() and (soft >= 0).all()
+    assert (hard - soft).abs().max() < 0.2
+    assert torch.allclose(sharp, hard, atol=1e-3)
+    full = MaskGenerator((24, 24), 3, 4.0, 0.0, "cpu")(torch.ones(1, 8, 8))
+    assert torch.equal(full, torch.ones(1, 24, 24))
+
+
+# ----------------------------------------------------------------------------- losses
+def test_area_penalty_by_hand() -> None:
+    references = area_references(torch.tensor([0.25, 0.5]), 4)
+    assert references.tolist() == [[0, 0, 0, 1], [0, 0, 1, 1]]
+    masks = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.5, 1.0], [0.0, 0.0]]])
+    # mask 0 has exactly the area; mask 1 sorted is 0, 0, 0.5, 1 against 0, 0, 1, 1
+    assert area_loss(masks, references).tolist() == pytest.approx([0.0, 0.25 / 4])
+
+
+def test_rewards_by_hand() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, -1.0, 0.0]])
+    targets = torch.tensor([2, 0])
+    assert reward_scores(logits, targets, "simple").tolist() == [2.0, 5.0]
+    assert reward_scores(logits, targets, "contrastive").tolist() == [-1.0, 5.0]
+
+
+def test_settings_validate() -> None:
+    with pytest.raises(ValueError, match="variant"):
+        ExtremalSettings(variant="both")
+    with pytest.raises(ValueError, match="reward"):
+        ExtremalSettings(reward="softmax")
+    with pytest.raises(ValueError, match="areas"):
+        ExtremalSettings(areas=(0.0, 0.1))
+    assert ExtremalSettings().replace(areas=[0.1], lr=None).areas == (0.1,)
+    published = ExtremalSettings()
+    assert (published.iterations, published.lr, published.momentum) == (800, 0.01, 0.9)
+    assert (published.step, published.sigma, published.area_weight) == (7, 21.0, 300.0)
+
+
+# ----------------------------------------------------------------------------- batching
+@pytest.mark.parametrize(
+    "settings",
+    [FAST, FAST.replace(variant="delete", reward="contrastive"), FAST.replace(variant="dual")],
+    ids=["preserve", "delete-contrastive", "dual"],
+)
+def test_masks_do_not_depend_on_the_batch(settings: ExtremalSettings) -> None:
+    model = _frozen(TinyCNN())
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    targets = model(images).argmax(1)
+    seeds = _seeds(3)
+    together = extremal_masks(model, images, targets, seeds, settings)
+    assert together.masks.shape == (3, 3, 16, 16)
+    assert together.params.shape == (3, 3, 8, 8)
+    assert (together.params < 0.99).any()  # the masks moved
+    for i in range(3):
+        alone = extremal_masks(
+            model, images[i : i + 1], targets[i : i + 1], seeds[i : i + 1], settings
+        )
+        assert (alone.params[0] - together.params[i]).abs().max().item() <= 1e-5
+        assert (alone.masks[0] - together.masks[i]).abs().max().item() <= 1e-5
+        assert (alone.rewards[0] - together.rewards[i]).abs().max().item() <= 1e-4
+
+
+def test_model_weights_get_no_gradients() -> None:
+    model = TinyCNN()  # requires_grad left on
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    extremal_masks(model, images, torch.tensor([0, 1]), _seeds(2), FAST.replace(iterations=2))
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- the game
+@pytest.fixture(scope="module")
+def solved() -> dict[str, tuple]:
+    """Each variant run once on the bright-square image with the scaled published settings."""
+    model, images = _bright_square()
+    targets = torch.zeros(1, dtype=torch.long)
+    return {
+        variant: (
+            SCALED.replace(variant=variant),
+            extremal_masks(model, images, targets, _seeds(1), SCALED.replace(variant=variant)),
+        )
+        for variant in ("preserve", "delete", "dual")
+    }
+
+
+@pytest.mark.parametrize("variant", ["preserve", "delete", "dual"])
+def test_masks_reach_their_areas(solved, variant: str) -> None:
+    settings, result = solved[variant]
+    masks = render_masks(result.params, (32, 32), settings)
+    assert torch.allclose(masks, result.masks)  # mask_size 0: stored at image resolution
+    fraction = (masks[0] > 0.5).float().mean((-2, -1))
+    target = torch.tensor(settings.areas)
+    assert (fraction - target).abs().max().item() <= 0.02, fraction.tolist()
+
+
+@pytest.mark.parametrize("variant", ["preserve", "delete", "dual"])
+def test_masks_cover_the_square(solved, variant: str) -> None:
+    model, images = _bright_square()
+    clean = model(images)[0, 0].item()  # 12 · (0.9 − 0.5) = 4.8
+    fully_blurred = model(F.avg_pool2d(images, 31, 1, 15, count_include_pad=False))[0, 0]
+    assert fully_blurred.item() < 0
+    _, result = solved[variant]
+    masks = result.masks[0]
+    top, left, bottom, right = REGION
+    inside = masks[:, top:bottom, left:right].mean((-2, -1))
+    outside = (masks.sum((-2, -1)) - inside * 36) / (32 * 32 - 36)
+    assert (inside > 0.9).all() and (inside > 4 * outside).all()
+    # preserve half: keeping the mask keeps the score; delete half: deleting it kills the score
+    assert (result.preserved[0] > clean - 0.5).all()
+    assert (result.deleted[0] < clean - 5.0).all()
+    expected = {
+        "preserve": result.preserved,
+        "delete": -result.deleted,
+        "dual": result.preserved - result.deleted,
+    }[variant]
+    assert torch.equal(result.rewards, expected)
+
+
+def test_stored_masks_are_area_averages() -> None:
+    model, images = _bright_square(2)
+    settings = FAST.replace(mask_size=8, step=2, sigma=3.0)
+    result = extremal_masks(model, images, torch.zeros(2, dtype=torch.long), _seeds(2), settings)
+    full = render_masks(result.params, (32, 32), settings)
+    pooled = F.avg_pool2d(full.flatten(0, 1)[:, None], 4)[:, 0].view(2, 3, 8, 8)
+    assert torch.allclose(result.masks, pooled, atol=1e-6)
+    assert 0.0 <= result.masks.min() and result.masks.max() <= 1.0
+
+
+def test_saliency_sums_areas_or_picks_one() -> None:
+    masks = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(extremal_saliency(masks), masks.sum(1))
+    assert torch.equal(extremal_saliency(masks, area_index=1), masks[:, 1])
+    smooth = extremal_saliency(masks, smooth=0.1)
+    assert smooth.shape == (2, 8, 8) and smooth.std() < masks.sum(1).std()
