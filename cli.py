@@ -9,9 +9,7 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
-from pipeline.optimize import PRESETS
-
-PERTURBATIONS = ("blur-median", "blur", "constant")
+from pipeline.optimize import GAMES, PERTURBATIONS, PRESETS
 
 
 def _user_errors(function):
@@ -140,7 +138,20 @@ def main() -> None:
 @click.option("--mask-size", type=int, help="Mask resolution (square).")
 @click.option("--noise", type=float, help="Std of the noise added each step (normalised space).")
 @click.option("--perturbation", type=click.Choice(PERTURBATIONS), help="Perturbation substrate.")
-@click.option("--blur-sigma", type=float, help="Sigma of the Gaussian blur substrate.")
+@click.option(
+    "--blur-sigma",
+    type=float,
+    help="Sigma of the Gaussian blur (blur-pyramid: of its strongest level).",
+)
+@click.option(
+    "--game",
+    type=click.Choice(GAMES),
+    default=None,
+    help="delete (default): the smallest region whose removal drops the score; "
+    "preserve: the smallest region that alone keeps it.",
+)
+@click.option("--jitter", type=int, help="Random shift of the perturbed image, in pixels.")
+@click.option("--mask-blur-sigma", type=float, help="Blur of the upsampled mask.")
 @click.option("--seed", type=int, help="Run seed; each image's noise is seeded by it and its path.")
 @click.option(
     "--method",
@@ -210,6 +221,20 @@ def main() -> None:
 )
 @_evaluation_options
 @click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="Model forward in bf16 (mask, loss and Adam stay fp32); auto picks what "
+    "benchmarks/bench_optimize.py measured fastest for the device and model.",
+)
+@click.option(
+    "--compile",
+    "compile_model",
+    is_flag=True,
+    help="torch.compile the model (pays off on GPU for long runs; slower on CPU).",
+)
+@click.option(
     "--shard",
     default=None,
     metavar="I/N",
@@ -246,6 +271,8 @@ def run(
     tolerance,
     eval_batch_size,
     baselines,
+    precision,
+    compile_model,
     shard,
     on_error,
     method,
@@ -280,6 +307,8 @@ def run(
         boxes_dir=boxes_dir,
         overwrite=overwrite,
         progress=not quiet,
+        precision=precision,
+        compile=compile_model,
         shard=shard,
         on_error=on_error,
         method=method,

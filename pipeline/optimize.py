@@ -10,18 +10,28 @@ All B masks are one parameter tensor optimised by one Adam. The total loss is th
 per-image losses and Adam is elementwise, so image b's mask is the same whether it is
 optimised alone or in a batch of 64; per-image randomness (noise, jitter) comes from a
 generator seeded by (run seed, image key), so it does not depend on batch neighbours either.
+
+Speed options (`SpeedOptions`) change how an iteration is computed, never what is optimised:
+bf16 autocast of the model forward (mask, noise, loss and Adam stay float32), channels_last
+memory format, the Adam implementation, and torch.compile of the model. `benchmarks/
+bench_optimize.py` measures each; `SpeedOptions.recommended` picks the ones that won there.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .perturbations import gaussian_blur, make_substrate
+from .perturbations import apply_blur_pyramid, blur_pyramid, gaussian_blur, make_substrate
+
+GAMES = ("delete", "preserve")
+PERTURBATIONS = ("blur-median", "blur", "constant", "noise", "blur-pyramid")
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,9 @@ class MaskSettings:
     jitter: int = 0  # random shift of the perturbed image, up to this many pixels
     mask_blur_sigma: float = 0.0  # Gaussian blur of the upsampled mask (paper: 5)
     seed: int = 0
+    game: str = "delete"  # "delete": smallest region whose removal drops the score;
+    #                       "preserve": smallest region that alone keeps it
+    pyramid_levels: int = 8  # blur-pyramid perturbation: levels up to σ = blur_sigma
 
     def replace(self, **changes) -> MaskSettings:
         """A copy with some fields changed; None values are ignored (unset CLI options)."""
@@ -56,8 +69,15 @@ PRESETS: dict[str, MaskSettings] = {
     # The seed README: 500 iterations, l1 0.01 (mean), tv 0.2, β 3, noise σ 0.2, the mean of
     # an 11×11 Gaussian (σ 5) and an 11×11 median blur as the perturbation.
     "seed": MaskSettings(),
-    # The paper (§4 and its released settings): 300 iterations, l1 1e-4 on the sum, tv 1e-2,
-    # β 3, Gaussian blur σ 10, random jitter up to 4 px, upsampled mask blurred with σ 5.
+    # The paper (Fong & Vedaldi 2017, §3–4): 300 iterations of Adam (lr 0.1), l1 1e-4 on the
+    # sum |1 − m|, tv 1e-2 with β 3, a 28×28 mask upsampled ×8 and blurred with σ 5, random
+    # jitter of up to 4 px each iteration, Gaussian blur σ 10 as the perturbation.
+    # These follow the paper's text (objective, coefficients, iterations, mask size, jitter,
+    # σ 10 blur). The text's perturbation blurs each pixel by a mask-dependent σ: that is
+    # `--perturbation blur-pyramid`; this preset uses one σ 10 blur composited through the
+    # mask, the simpler form most re-implementations use. Not yet checked line by line
+    # against the authors' released code. Noise is off: the paper fights artifacts with
+    # jitter and the mask blur; the seed script added noise instead.
     "paper": MaskSettings(
         iterations=300,
         l1=1e-4,
@@ -73,6 +93,82 @@ PRESETS: dict[str, MaskSettings] = {
 }
 
 
+PRECISIONS = ("fp32", "bf16", "auto")
+ADAM_IMPLEMENTATIONS = ("default", "foreach", "fused")
+
+# Model families whose FLOPs are mostly depthwise convolutions. On an AMX Xeon, bf16 did not
+# win for EfficientNet-Lite0 in bench_optimize.py (0.8-1.4x, within that run's noise), while
+# resnet50 and vgg19 gained 3-7x from bf16 + channels_last.
+_DEPTHWISE_FAMILIES = ("efficientnet", "mobilenet", "mnasnet", "ghostnet", "lcnet")
+
+
+def resolve_precision(device: torch.device | str, model_name: str = "") -> str:
+    """The precision that won in bench_optimize.py for this device and model: "fp32" or "bf16".
+
+    CPU with AMX tiles (bf16 matrix units): "bf16", except for depthwise-heavy families
+    (EfficientNet, MobileNet, ...), which stay "fp32" (measured). CUDA with bf16 support:
+    "bf16" (not yet measured here: benchmarks/gpu_check.sh). Anything else: "fp32".
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        name = model_name.lower()
+        if any(family in name for family in _DEPTHWISE_FAMILIES):
+            return "fp32"
+        return "bf16" if _cpu_has_amx() else "fp32"
+    return "fp32"
+
+
+def _cpu_has_amx() -> bool:
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """How the iterations are computed; none of these changes the mask hyperparameters.
+
+    precision:     "fp32" (exact path), "bf16" (autocast of the model forward only; the mask,
+                   noise, loss and Adam stay float32) or "auto" (see resolve_precision).
+    channels_last: run the model in channels_last memory format. Converts the model's
+                   weights in place (idempotent; the outputs are unchanged).
+    adam:          "default" (PyTorch's choice), "foreach" or "fused" (torch.optim.Adam flags).
+    compile:       torch.compile the model (static shapes). The first batch of each shape pays
+                   the compile time; later calls with the same model and shapes reuse it.
+    """
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    adam: str = "default"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.adam not in ADAM_IMPLEMENTATIONS:
+            raise ValueError(f"adam must be one of {ADAM_IMPLEMENTATIONS}, got {self.adam!r}")
+
+    @classmethod
+    def recommended(cls, device: torch.device | str, model_name: str = "") -> SpeedOptions:
+        """The options that won in bench_optimize.py: resolved precision, channels_last with
+        bf16 (on CPU bf16 pays only together with it), PyTorch's default Adam, no compile."""
+        precision = resolve_precision(device, model_name)
+        return cls(precision=precision, channels_last=precision == "bf16")
+
+    def resolved(self, device: torch.device | str, model_name: str = "") -> SpeedOptions:
+        """A copy with precision "auto" replaced by resolve_precision's answer."""
+        if self.precision != "auto":
+            return self
+        return dataclasses.replace(self, precision=resolve_precision(device, model_name))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclass
 class MaskResult:
     """Output of optimize_masks for a batch of B images."""
@@ -86,6 +182,26 @@ def image_seed(run_seed: int, key: str) -> int:
     """A 63-bit seed for one image from the run seed and a stable key (its relative path)."""
     digest = hashlib.sha256(f"{run_seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def make_batch_substrate(
+    images: torch.Tensor, settings: MaskSettings, seeds: list[int], mean_colour=None
+) -> torch.Tensor:
+    """The perturbed images p(x) of a batch (not for blur-pyramid, which is mask-dependent).
+
+    The noise substrate draws from per-image generators seeded apart from the iterations'.
+    """
+    generators = None
+    if settings.perturbation == "noise":
+        generators = make_generators([(s + 1) & ((1 << 63) - 1) for s in seeds], images.device)
+    return make_substrate(
+        images,
+        settings.perturbation,
+        blur_sigma=settings.blur_sigma,
+        blur_kernel=settings.blur_kernel,
+        mean_colour=mean_colour,
+        generators=generators,
+    )
 
 
 def make_generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
@@ -132,8 +248,13 @@ def jitter_images(images: torch.Tensor, shifts: torch.Tensor, max_shift: int) ->
 
 
 def _mask_losses(masks: torch.Tensor, settings: MaskSettings) -> torch.Tensor:
-    """l1 · |1 − m| + tv · TV_β(m), per image. masks B×1×h×w -> B."""
-    area = (1.0 - masks).abs().flatten(1)
+    """l1 · area + tv · TV_β(m), per image. masks B×1×h×w -> B.
+
+    The area is what the game pays for: the deleted part |1 − m| in the deletion game, the
+    kept part |m| in the preservation game.
+    """
+    area = (1.0 - masks) if settings.game == "delete" else masks
+    area = area.abs().flatten(1)
     area = area.sum(1) if settings.l1_reduction == "sum" else area.mean(1)
     return settings.l1 * area + settings.tv * total_variation(masks, settings.tv_beta)
 
@@ -143,6 +264,32 @@ def _target_probs(model, images: torch.Tensor, targets: torch.Tensor) -> torch.T
     return logits.float().softmax(dim=1).gather(1, targets.view(-1, 1)).squeeze(1)
 
 
+def _make_adam(masks: torch.Tensor, lr: float, adam: str) -> torch.optim.Adam:
+    """torch.optim.Adam over the one mask tensor; `adam` picks the implementation."""
+    if adam == "foreach":
+        return torch.optim.Adam([masks], lr=lr, foreach=True)
+    if adam == "fused":
+        return torch.optim.Adam([masks], lr=lr, fused=True)
+    return torch.optim.Adam([masks], lr=lr)
+
+
+def _prepare_model(model: torch.nn.Module, speed: SpeedOptions):
+    """The callable used for the forward passes: the model, in channels_last and/or compiled."""
+    if speed.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if speed.compile:
+        # dynamo caches the compiled code on the forward's code object, guarded on this model
+        # and the input shapes, so a fresh wrapper per batch does not recompile.
+        return torch.compile(model, dynamic=False)
+    return model
+
+
+def _to_model_format(images: torch.Tensor, speed: SpeedOptions) -> torch.Tensor:
+    if speed.channels_last:
+        return images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
 def optimize_masks(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -150,6 +297,9 @@ def optimize_masks(
     seeds: list[int],
     settings: MaskSettings = PRESETS["seed"],
     substrate: torch.Tensor | None = None,
+    *,
+    speed: SpeedOptions | None = None,
+    on_iteration: Callable[[int], None] | None = None,
 ) -> MaskResult:
     """Learn one deletion mask per image, all images of the batch at once.
 
@@ -159,32 +309,51 @@ def optimize_masks(
     targets:   B long, the class each mask explains.
     seeds:     B per-image seeds (see image_seed) for the noise and jitter.
     substrate: B×3×H×W perturbed images p(x); computed from settings when None.
+    speed:     how to compute the iterations (SpeedOptions; default: the exact float32 path).
+    on_iteration: called with the iteration index after each Adam step (progress, timing).
     """
     batch, _, height, width = images.shape
     device = images.device
-    if substrate is None:
-        substrate = make_substrate(
-            images,
-            settings.perturbation,
-            blur_sigma=settings.blur_sigma,
-            blur_kernel=settings.blur_kernel,
-            mean_colour=getattr(model, "mean", None),
-        )
+    speed = (speed or SpeedOptions()).resolved(device, getattr(model, "name", ""))
+    if settings.game not in GAMES:
+        raise ValueError(f"unknown game {settings.game!r}; choose from {', '.join(GAMES)}")
+    pyramid = None
+    if settings.perturbation == "blur-pyramid":
+        # The paper's mask-dependent blur: m = 1 the image, m = 0 the strongest blur.
+        pyramid = blur_pyramid(images, settings.blur_sigma, settings.pyramid_levels)
+    elif substrate is None:
+        substrate = make_batch_substrate(images, settings, seeds, getattr(model, "mean", None))
     std = getattr(model, "std", None)
     std = torch.ones(3) if std is None else torch.as_tensor(std)
     noise_scale = std.detach().to(device=device, dtype=torch.float32).view(1, 3, 1, 1)
     noise_scale = noise_scale * settings.noise
     generators = make_generators(list(seeds), device)
     max_shift = settings.jitter
+    # One buffer refilled in place each iteration, image by image from its own generator
+    # (normal_ on a contiguous 3×H×W slice draws exactly what torch.randn(3, H, W) would).
+    noise = torch.empty(batch, 3, height, width, device=device) if settings.noise > 0 else None
+    forward = _prepare_model(model, speed)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if speed.precision == "bf16"
+        else nullcontext()
+    )
 
     masks = torch.ones(batch, 1, settings.mask_size, settings.mask_size, device=device)
     masks.requires_grad_(True)
-    optimizer = torch.optim.Adam([masks], lr=settings.lr)
+    optimizer = _make_adam(masks, settings.lr, speed.adam)
     per_image_loss = torch.zeros(batch, device=device)
 
-    for _ in range(settings.iterations):
+    sign = 1.0 if settings.game == "delete" else -1.0  # preserve: maximise the score
+
+    def composite(up: torch.Tensor) -> torch.Tensor:
+        if pyramid is not None:
+            return apply_blur_pyramid(pyramid, up)
+        return images * up + substrate * (1.0 - up)
+
+    for iteration in range(settings.iterations):
         up = upsample_masks(masks, (height, width), settings.mask_blur_sigma)
-        perturbed = images * up + substrate * (1.0 - up)
+        perturbed = composite(up)
         if max_shift > 0:
             shifts = torch.stack(
                 [
@@ -193,21 +362,24 @@ def optimize_masks(
                 ]
             )
             perturbed = jitter_images(perturbed, shifts, max_shift)
-        if settings.noise > 0:
-            noise = torch.stack(
-                [torch.randn(3, height, width, generator=g, device=device) for g in generators]
-            )
-            perturbed = perturbed + noise_scale * noise
-        probs = _target_probs(model, perturbed, targets)
-        per_image_loss = _mask_losses(masks, settings) + probs
+        if noise is not None:
+            for b, generator in enumerate(generators):
+                noise[b].normal_(generator=generator)
+            perturbed = perturbed + noise.mul_(noise_scale)
+        with autocast:
+            probs = _target_probs(forward, _to_model_format(perturbed, speed), targets)
+        per_image_loss = _mask_losses(masks, settings) + sign * probs
         optimizer.zero_grad(set_to_none=True)
         per_image_loss.sum().backward()
         optimizer.step()
         with torch.no_grad():
             masks.clamp_(0.0, 1.0)
+        if on_iteration is not None:
+            on_iteration(iteration)
 
     final = masks.detach()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast:
         up = upsample_masks(final, (height, width), settings.mask_blur_sigma)
-        prob_masked = _target_probs(model, images * up + substrate * (1.0 - up), targets)
+        final_images = _to_model_format(composite(up), speed)
+        prob_masked = _target_probs(model, final_images, targets)  # no compile for one call
     return MaskResult(masks=final.clone(), loss=per_image_loss.detach(), prob_masked=prob_masked)

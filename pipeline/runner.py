@@ -6,6 +6,7 @@ return tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import signal
@@ -41,8 +42,16 @@ from .metrics import (
     score_saliency,
 )
 from .models import NormalizedClassifier, load_model
-from .optimize import PRESETS, MaskSettings, image_seed, optimize_masks, upsample_masks
-from .perturbations import apply_blur_pyramid, blur_pyramid, make_substrate
+from .optimize import (
+    PRESETS,
+    MaskSettings,
+    SpeedOptions,
+    image_seed,
+    make_batch_substrate,
+    optimize_masks,
+    upsample_masks,
+)
+from .perturbations import apply_blur_pyramid, blur_pyramid
 from .report import write_failures_csv, write_report_csv, write_summary
 from .store import MaskStore, StoreError, merge_files, read_columns, replace_columns
 
@@ -52,6 +61,7 @@ FAILURES_FILE = "failures.csv"
 
 # Settings that decide what the output contains: a resumed run must use the same ones.
 RESULT_KEYS = [
+    "speed",
     "data",
     "model",
     "weights",
@@ -125,6 +135,8 @@ class RunOptions:
     progress: bool = True
     shard: str | None = None  # "I/N"; None: from the environment (torchrun, SLURM)
     on_error: str = "skip"  # "skip" bad images (listed in failures.csv) or "fail"
+    precision: str = "auto"  # "auto" | "fp32" | "bf16" (model forward only)
+    compile: bool = False  # torch.compile the model (static shapes)
     method: str = "meaningful"  # "meaningful" (Fong & Vedaldi 2017) or "extremal" (2019)
     area: int | None = None  # extremal: score this area's mask (index), else the sum over areas
     evaluation: EvalOptions | None = field(default_factory=lambda: EvalOptions())
@@ -194,10 +206,29 @@ def run_config(options: RunOptions, layout: str, settings: MaskSettings) -> dict
         "limit": options.limit,
         "layout": layout,
         "evaluation": None if options.evaluation is None else options.evaluation.describe(),
+        "speed": None,  # filled in by run() once the device is known
         "batch_size": options.batch_size,
         "workers": options.workers,
         "device": options.device,
     }
+
+
+def speed_options(options: RunOptions, device: torch.device) -> SpeedOptions:
+    """How the optimisation runs (no effect on the hyperparameters).
+
+    "auto" precision follows bench_optimize.py: bf16 with channels_last where it won
+    (standard conv nets on AMX CPUs; CUDA), fp32 for depthwise-heavy nets and for custom
+    `module:function` models, which nothing has measured.
+    """
+    custom = ":" in options.model and not options.model.startswith("timm:")
+    if options.precision == "auto":
+        if custom:
+            speed = SpeedOptions()
+        else:
+            speed = SpeedOptions.recommended(device, options.model)
+    else:
+        speed = SpeedOptions(precision=options.precision, channels_last=options.precision == "bf16")
+    return dataclasses.replace(speed, compile=options.compile)
 
 
 def check_labels(samples: list[Sample], num_classes: int, model_name: str) -> None:
@@ -232,6 +263,7 @@ def explain_batch(
     keys: list[str],
     settings: MaskSettings | ExtremalSettings,
     target_mode: str,
+    speed: SpeedOptions | None = None,
 ) -> dict[str, np.ndarray]:
     """Classify and mask one batch; returns the per-image columns of the mask file."""
     probs = classify(model, images)
@@ -253,14 +285,7 @@ def explain_batch(
             "reward": result.rewards.float().cpu().numpy(),
             "mask_area": masks.flatten(2).mean(2).cpu().numpy(),
         }
-    substrate = make_substrate(
-        images,
-        settings.perturbation,
-        blur_sigma=settings.blur_sigma,
-        blur_kernel=settings.blur_kernel,
-        mean_colour=model.mean,
-    )
-    result = optimize_masks(model, images, targets, seeds, settings, substrate=substrate)
+    result = optimize_masks(model, images, targets, seeds, settings, speed=speed)
     masks = result.masks[:, 0]
     return {
         **common,
@@ -365,6 +390,8 @@ def run(options: RunOptions) -> RunResult:
     masks_name, report_name, failures_name = output_names(shard)
     config = run_config(options, layout, settings)
     config["normalization"] = {"mean": model.mean.tolist(), "std": model.std.tolist()}
+    speed = speed_options(options, device)
+    config["speed"] = speed.to_dict()
     config["shard"] = {
         "rank": shard.rank,
         "world": shard.world,
@@ -402,7 +429,7 @@ def run(options: RunOptions) -> RunResult:
                 for batch in _loader(dataset, options, device):
                     timings["load"] += time.perf_counter() - tick
                     written, failures = _process_batch(
-                        batch, samples, model, settings, options, store, timings
+                        batch, samples, model, settings, options, store, timings, speed
                     )
                     processed += written
                     failed += len(failures)
@@ -457,6 +484,7 @@ def _process_batch(
     options: RunOptions,
     store: MaskStore,
     timings: dict[str, float],
+    speed: SpeedOptions | None = None,
 ) -> tuple[int, list[tuple[int, str, str]]]:
     positions = batch["index"].tolist()
     ok = batch["ok"].tolist()
@@ -475,7 +503,7 @@ def _process_batch(
         sizes = [(int(batch["width"][i]), int(batch["height"][i])) for i in good]
         columns = _halve_on_oom(
             lambda lo, hi: _mask_and_score(
-                model, images[lo:hi], rows[lo:hi], sizes[lo:hi], settings, options, timings
+                model, images[lo:hi], rows[lo:hi], sizes[lo:hi], settings, options, timings, speed
             ),
             len(good),
         )
@@ -489,11 +517,12 @@ def _process_batch(
     return len(good), failures
 
 
-def _mask_and_score(model, images, rows, sizes, settings, options, timings) -> dict:
+def _mask_and_score(model, images, rows, sizes, settings, options, timings, speed) -> dict:
     device = images.device
     labels = torch.tensor([s.label for s in rows], device=device)
     tick = time.perf_counter()
-    columns = explain_batch(model, images, labels, [s.path for s in rows], settings, options.target)
+    keys = [s.path for s in rows]
+    columns = explain_batch(model, images, labels, keys, settings, options.target, speed)
     timings["optimize"] += time.perf_counter() - tick
     if options.evaluation is not None:
         tick = time.perf_counter()
@@ -651,15 +680,14 @@ def render_figures(out: str | Path, dest: str | Path, limit: int | None = None) 
             )
         else:
             settings = MaskSettings(**config["mask"])
-            substrate = make_substrate(
-                image,
-                settings.perturbation,
-                blur_sigma=settings.blur_sigma,
-                blur_kernel=settings.blur_kernel,
-                mean_colour=mean,
-            )
             up = upsample_masks(masks[:, None], (size, size), settings.mask_blur_sigma)
-            perturbed = image * up + substrate * (1 - up)
+            if settings.perturbation == "blur-pyramid":
+                pyramid = blur_pyramid(image, settings.blur_sigma, settings.pyramid_levels)
+                perturbed = apply_blur_pyramid(pyramid, up)
+            else:
+                seeds = [image_seed(settings.seed, relative)]
+                substrate = make_batch_substrate(image, settings, seeds, mean)
+                perturbed = image * up + substrate * (1 - up)
             title = (
                 f"{relative}: {name} — p(clean) {columns['prob_clean'][row]:.3f}, "
                 f"p(perturbed) {columns['prob_masked'][row]:.3f}"

@@ -244,9 +244,30 @@ def test_evaluate_baseline_and_bad_sources(class_folders, tmp_path) -> None:
 
 def test_extremal_method_end_to_end(class_folders, tmp_path) -> None:
     out = tmp_path / "out"
-    args = ["run", str(class_folders), "-o", str(out), "--model", TINY, "--size", "32",
-            "--workers", "0", "--quiet", "--method", "extremal", "--iterations", "3",
-            "--areas", "0.1,0.3", "--limit", "3", *METRIC_ARGS, "--baselines", "none"]
+    args = [
+        "run",
+        str(class_folders),
+        "-o",
+        str(out),
+        "--model",
+        TINY,
+        "--size",
+        "32",
+        "--workers",
+        "0",
+        "--quiet",
+        "--method",
+        "extremal",
+        "--iterations",
+        "3",
+        "--areas",
+        "0.1,0.3",
+        "--limit",
+        "3",
+        *METRIC_ARGS,
+        "--baselines",
+        "none",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     columns = _columns(out / "masks.h5")

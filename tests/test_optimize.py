@@ -6,12 +6,15 @@ import pytest
 import torch
 from tiny_models import BrightRegionModel, TinyCNN
 
+import pipeline.optimize as optimize
 from pipeline.optimize import (
     PRESETS,
     MaskSettings,
+    SpeedOptions,
     image_seed,
     jitter_images,
     optimize_masks,
+    resolve_precision,
     total_variation,
 )
 
@@ -39,8 +42,9 @@ def _seeds(n: int, run_seed: int = 0) -> list[int]:
         FAST,
         FAST.replace(perturbation="blur", jitter=2, mask_blur_sigma=1.0, noise=0.1),
         FAST.replace(perturbation="constant", l1_reduction="sum", noise=0.0),
+        FAST.replace(game="preserve"),
     ],
-    ids=["seed-like", "paper-like", "constant"],
+    ids=["seed-like", "paper-like", "constant", "preserve"],
 )
 def test_masks_do_not_depend_on_batch_size_or_order(settings: MaskSettings) -> None:
     torch.manual_seed(0)
@@ -145,3 +149,195 @@ def test_presets_match_design() -> None:
     assert (paper.iterations, paper.l1, paper.l1_reduction, paper.tv) == (300, 1e-4, "sum", 1e-2)
     assert (paper.blur_sigma, paper.jitter, paper.mask_blur_sigma) == (10.0, 4, 5.0)
     assert seed.replace(iterations=None, lr=0.5).lr == 0.5
+
+
+# ----------------------------------------------------------------------------- speed options
+def _problem(n: int = 4):
+    model = _frozen(TinyCNN())
+    images = _images(n)
+    return model, images, model(images).argmax(1), _seeds(n)
+
+
+@pytest.mark.parametrize(
+    "speed",
+    [
+        SpeedOptions(channels_last=True),
+        SpeedOptions(adam="foreach"),
+        SpeedOptions(adam="fused"),
+        SpeedOptions(channels_last=True, adam="foreach"),
+    ],
+    ids=["channels_last", "foreach", "fused", "channels_last+foreach"],
+)
+def test_exact_speed_options_give_the_plain_masks(speed: SpeedOptions) -> None:
+    model, images, targets, seeds = _problem()
+    plain = optimize_masks(model, images, targets, seeds, FAST)
+    fast = optimize_masks(_frozen(TinyCNN()), images, targets, seeds, FAST, speed=speed)
+    assert (plain.masks < 0.999).any()
+    assert (fast.masks - plain.masks).abs().max().item() <= 1e-5
+    assert (fast.prob_masked - plain.prob_masked).abs().max().item() <= 1e-5
+
+
+def test_channels_last_keeps_the_model_outputs() -> None:
+    model, images, _, _ = _problem()
+    before = model(images)
+    optimize_masks(
+        model,
+        images,
+        before.argmax(1),
+        _seeds(4),
+        FAST.replace(iterations=1),
+        speed=SpeedOptions(channels_last=True),
+    )
+    assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(model(images), before, atol=1e-5)
+
+
+def test_bf16_masks_are_close_to_fp32_masks() -> None:
+    model, images, targets, seeds = _problem(6)
+    settings = FAST.replace(iterations=30)
+    fp32 = optimize_masks(model, images, targets, seeds, settings).masks
+    for speed in (SpeedOptions(precision="bf16"), SpeedOptions("bf16", channels_last=True)):
+        bf16 = optimize_masks(_frozen(TinyCNN()), images, targets, seeds, settings, speed=speed)
+        assert bf16.masks.dtype == torch.float32
+        assert 0.0 <= bf16.masks.min() and bf16.masks.max() <= 1.0
+        pair = torch.stack([fp32.flatten(), bf16.masks.flatten()])
+        assert torch.corrcoef(pair)[0, 1].item() > 0.9
+        assert (bf16.masks - fp32).abs().mean().item() < 0.05
+
+
+def test_noise_buffer_draws_what_randn_draws() -> None:
+    # optimize_masks refills one B×3×H×W buffer slice by slice instead of stacking randn calls
+    buffer = torch.empty(2, 3, 5, 7)
+    buffer[1].normal_(generator=torch.Generator().manual_seed(9))
+    assert torch.equal(buffer[1], torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(9)))
+
+
+def test_resolve_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(optimize, "_cpu_has_amx", lambda: True)
+    assert resolve_precision("cpu", "resnet50") == "bf16"
+    assert resolve_precision("cpu", "vgg19") == "bf16"
+    assert resolve_precision("cpu", "efficientnet_lite0") == "fp32"
+    assert SpeedOptions.recommended("cpu", "resnet50") == SpeedOptions("bf16", channels_last=True)
+    assert SpeedOptions("auto").resolved("cpu", "mobilenet_v3_large").precision == "fp32"
+    monkeypatch.setattr(optimize, "_cpu_has_amx", lambda: False)
+    assert resolve_precision(torch.device("cpu"), "resnet50") == "fp32"
+    assert SpeedOptions.recommended("cpu", "resnet50") == SpeedOptions()
+    with pytest.raises(ValueError, match="precision"):
+        SpeedOptions(precision="fp16")
+    with pytest.raises(ValueError, match="adam"):
+        SpeedOptions(adam="sgd")
+
+
+def test_on_iteration_sees_every_iteration() -> None:
+    model, images, targets, seeds = _problem(2)
+    seen: list[int] = []
+    optimize_masks(model, images, targets, seeds, FAST, on_iteration=seen.append)
+    assert seen == list(range(FAST.iterations))
+
+
+def test_auto_precision_runs() -> None:
+    model, images, targets, seeds = _problem(2)
+    result = optimize_masks(model, images, targets, seeds, FAST, speed=SpeedOptions("auto"))
+    assert result.masks.shape == (2, 1, 8, 8)
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_plain_masks() -> None:
+    model, images, targets, seeds = _problem()
+    plain = optimize_masks(model, images, targets, seeds, FAST)
+    compiled = optimize_masks(
+        _frozen(TinyCNN()), images, targets, seeds, FAST, speed=SpeedOptions(compile=True)
+    )
+    assert (compiled.masks - plain.masks).abs().max().item() <= 1e-4
+
+
+# ----------------------------------------------------------------------------- CUDA (gpu_check.sh)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_cuda_masks_match_cpu_and_do_not_depend_on_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # TF32 convolutions would make the comparison with the CPU meaningless
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    model, images, targets, seeds = _problem(6)
+    gpu_model = _frozen(TinyCNN()).cuda()
+    gpu = images.cuda(), targets.cuda()
+    # CUDA generators draw other numbers than CPU ones: compare with the CPU without noise
+    quiet = FAST.replace(noise=0.0)
+    cpu_masks = optimize_masks(model, images, targets, seeds, quiet).masks
+    gpu_masks = optimize_masks(gpu_model, *gpu, seeds, quiet).masks.cpu()
+    assert (gpu_masks - cpu_masks).abs().max().item() <= 1e-4
+
+    together = optimize_masks(gpu_model, *gpu, seeds, FAST).masks
+    alone = torch.cat(
+        [
+            optimize_masks(
+                gpu_model, gpu[0][i : i + 1], gpu[1][i : i + 1], seeds[i : i + 1], FAST
+            ).masks
+            for i in range(6)
+        ]
+    )
+    assert (together < 0.999).any()
+    assert (together - alone).abs().max().item() <= 1e-4
+
+
+@needs_cuda
+def test_cuda_speed_options() -> None:
+    model, images, targets, seeds = _problem(6)
+    model = model.cuda()
+    images, targets = images.cuda(), targets.cuda()
+    settings = FAST.replace(iterations=30)
+    plain = optimize_masks(model, images, targets, seeds, settings).masks
+    exact = SpeedOptions(channels_last=True, adam="fused")
+    fast = optimize_masks(_frozen(TinyCNN()).cuda(), images, targets, seeds, settings, speed=exact)
+    assert (fast.masks - plain).abs().max().item() <= 1e-4
+    bf16 = SpeedOptions.recommended("cuda", "tiny")
+    assert bf16.precision == "bf16"
+    approx = optimize_masks(_frozen(TinyCNN()).cuda(), images, targets, seeds, settings, speed=bf16)
+    pair = torch.stack([plain.flatten(), approx.masks.flatten()])
+    assert torch.corrcoef(pair)[0, 1].item() > 0.9
+
+
+@pytest.mark.parametrize("perturbation", ["noise", "blur-pyramid"])
+def test_new_perturbations_keep_batch_equivalence(perturbation: str) -> None:
+    model = _frozen(TinyCNN())
+    images = _images(4)
+    targets = model(images).argmax(1)
+    seeds = _seeds(4)
+    settings = FAST.replace(perturbation=perturbation, blur_sigma=3.0, pyramid_levels=4)
+    together = optimize_masks(model, images, targets, seeds, settings).masks
+    alone = torch.cat(
+        [
+            optimize_masks(
+                model, images[i : i + 1], targets[i : i + 1], seeds[i : i + 1], settings
+            ).masks
+            for i in range(4)
+        ]
+    )
+    assert (together < 0.999).any()
+    assert (together - alone).abs().max().item() <= 1e-5
+
+
+def test_preservation_game_keeps_the_region_and_drops_the_rest() -> None:
+    model = _frozen(BrightRegionModel(size=32, region=(8, 8, 20, 20)))
+    images = torch.full((2, 3, 32, 32), 0.9)
+    targets = torch.zeros(2, dtype=torch.long)
+    settings = MaskSettings(
+        iterations=80,
+        mask_size=16,
+        perturbation="constant",
+        noise=0.0,
+        l1=0.05,
+        tv=0.2,
+        game="preserve",
+    )
+    result = optimize_masks(model, images, targets, _seeds(2), settings)
+    masks = result.masks[:, 0]
+    outside_cells = torch.ones(16, 16, dtype=torch.bool)
+    outside_cells[3:11, 3:11] = False
+    # the region is kept (m high), the rest is given up (m low); the score survives
+    assert masks[:, 4:10, 4:10].mean() > 0.5 > masks[:, outside_cells].mean()
+    assert (result.prob_masked > 0.5).all()
+    with pytest.raises(ValueError, match="game"):
+        optimize_masks(model, images, targets, _seeds(2), settings.replace(game="other"))
