@@ -67,7 +67,7 @@ class ExtremalSettings:
     jitter:         flip the perturbed images horizontally on even iterations (TorchRay).
     mask_size:      side of the returned masks (area-averaged from image resolution); 56 at
                     224² input = 4×4 pixel cells; 0 keeps the image resolution.
-    seed:           run seed (image seeds come from optimize.image_seed(seed, key)).
+    seed:           run seed (image seeds come from seeding.image_seed(seed, key)).
     """
 
     areas: tuple[float, ...] = (0.05, 0.1, 0.2)
@@ -288,7 +288,7 @@ def extremal_masks(
              restricted to the mask parameters), whatever their requires_grad.
     images:  B×3×H×W float in [0, 1], on the model's device.
     targets: B long, the class each mask explains.
-    seeds:   B per-image seeds (optimize.image_seed); the published algorithm is deterministic,
+    seeds:   B per-image seeds (seeding.image_seed); the published algorithm is deterministic,
              so they are only checked (one per image).
     All B·A masks (image-major: mask n is image n // A, area n % A) are one parameter tensor
     with one SGD optimiser; the loss is the sum of per-mask losses.

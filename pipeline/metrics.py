@@ -44,14 +44,14 @@ Pointing game (Zhang et al., 2016; TorchRay's ``pointing_game.py``):
 
 from __future__ import annotations
 
-import hashlib
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .seeding import image_seed
 
 __all__ = [
     "CurveProtocol",
@@ -506,24 +506,6 @@ def center_saliency(
     u = (torch.arange(w, dtype=torch.float64) + 0.5) / w - 0.5
     g = torch.exp(-(v[:, None] ** 2 + u[None, :] ** 2) / (2.0 * float(sigma_fraction) ** 2))
     return g.to(dtype=dtype, device=device).expand(int(batch), h, w).clone()
-
-
-def image_seed(seed: int, image_id) -> int:
-    """A 63-bit generator seed derived from (run seed, image id) by hashing.
-
-    ``image_id`` may be an int or a string (e.g. a file name); it does not depend on the
-    batch the image is in.
-    """
-    if isinstance(image_id, bool):
-        raise TypeError("image ids must be ints or strings, not bool")
-    if isinstance(image_id, numbers.Integral):  # int, numpy ints: the same id, the same seed
-        tag = f"i{int(image_id)}"
-    elif isinstance(image_id, str):
-        tag = f"s{image_id}"
-    else:
-        raise TypeError(f"image ids must be ints or strings, got {type(image_id).__name__}")
-    key = f"{int(seed)}\x1f{tag}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
 def random_saliency(

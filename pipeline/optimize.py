@@ -20,7 +20,6 @@ bench_optimize.py` measures each; `SpeedOptions.recommended` picks the ones that
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -176,12 +175,6 @@ class MaskResult:
     masks: torch.Tensor  # B×1×h×w float32 in [0, 1], 1 = kept
     loss: torch.Tensor  # B, the final per-image loss (last iteration)
     prob_masked: torch.Tensor  # B, softmax prob of the target on the final x̃ without noise
-
-
-def image_seed(run_seed: int, key: str) -> int:
-    """A 63-bit seed for one image from the run seed and a stable key (its relative path)."""
-    digest = hashlib.sha256(f"{run_seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def make_batch_substrate(

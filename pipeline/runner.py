@@ -46,13 +46,13 @@ from .optimize import (
     PRESETS,
     MaskSettings,
     SpeedOptions,
-    image_seed,
     make_batch_substrate,
     optimize_masks,
     upsample_masks,
 )
 from .perturbations import apply_blur_pyramid, blur_pyramid
 from .report import write_failures_csv, write_report_csv, write_summary
+from .seeding import image_seed
 from .store import MaskStore, StoreError, merge_files, read_columns, replace_columns
 
 MASKS_FILE = "masks.h5"

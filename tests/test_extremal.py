@@ -21,7 +21,7 @@ from pipeline.extremal import (
     render_masks,
     reward_scores,
 )
-from pipeline.optimize import image_seed
+from pipeline.seeding import image_seed
 
 # Cheap settings for the equivalence tests: 3×3 taps per pixel, few iterations.
 FAST = ExtremalSettings(

@@ -11,12 +11,12 @@ from pipeline.optimize import (
     PRESETS,
     MaskSettings,
     SpeedOptions,
-    image_seed,
     jitter_images,
     optimize_masks,
     resolve_precision,
     total_variation,
 )
+from pipeline.seeding import image_seed
 
 FAST = MaskSettings(iterations=12, mask_size=8, blur_kernel=5, blur_sigma=2.0)
 
