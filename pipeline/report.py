@@ -268,6 +268,9 @@ def _markdown_header(
 ) -> str:
     config = attrs.get("config") if isinstance(attrs.get("config"), dict) else {}
     protocol = attrs.get("protocol") if isinstance(attrs.get("protocol"), dict) else None
+    config = attrs.get("config") if isinstance(attrs.get("config"), dict) else {}
+    if protocol is None and isinstance(config.get("evaluation"), dict):
+        protocol = config["evaluation"]  # the run's settings, when the attribute is missing
     weights = f" ({config['weights']} weights)" if config.get("weights") else ""
     lines = [
         f"# Saliency evaluation: {title}",
