@@ -74,6 +74,18 @@ def _evaluation_options(function):
     return function
 
 
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise click.BadParameter(f"{value!r} is not a positive integer or 'auto'")
+    return number
+
+
 def _method_overrides(method: str, options: dict) -> dict:
     """The method options given on the command line; refuses those the method has not."""
     import dataclasses
@@ -188,7 +200,13 @@ def main() -> None:
     help="Explain the ground-truth class (where known) or the top-1.",
 )
 @click.option("--size", type=int, default=224, show_default=True, help="Input size (square).")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option(
+    "--batch-size",
+    default="16",
+    show_default=True,
+    callback=lambda ctx, param, value: _batch_size(value),
+    help="Images optimised together, or 'auto': the largest that fits the GPU (8 on CPU).",
+)
 @click.option("--workers", type=int, default=2, show_default=True, help="DataLoader workers.")
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True

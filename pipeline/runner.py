@@ -124,7 +124,7 @@ class RunOptions:
     overrides: dict = field(default_factory=dict)  # MaskSettings fields set on the CLI
     size: int = 224
     target: str = "label"  # "label" (ground truth where known, else top-1) or "predicted"
-    batch_size: int = 16
+    batch_size: int | str = 16  # or "auto" (auto_batch_size)
     workers: int = 2
     device: str = "auto"
     limit: int | None = None
@@ -325,6 +325,54 @@ def _loader(dataset, options: RunOptions, device: torch.device):
     )
 
 
+CPU_BATCH_SIZE = 8  # bench_optimize.py on 2 cores: the per-image cost is flat from 8 up
+
+
+def auto_batch_size(
+    model: NormalizedClassifier,
+    size: int,
+    settings: MaskSettings | ExtremalSettings,
+    speed: SpeedOptions,
+    device: torch.device,
+    *,
+    limit: int = 256,
+    margin: float = 0.75,
+    probe=None,
+) -> int:
+    """`--batch-size auto`: the largest batch that fits, found by a short probe, with a margin.
+
+    On CUDA, batches of 1, 2, 4, ... (up to `limit`) each run two optimisation iterations on
+    random images until one runs out of memory; `margin` of the largest that fitted is kept
+    (the metrics and the data loader need memory too). On CPU memory is not the limit:
+    CPU_BATCH_SIZE.
+    """
+    if device.type != "cuda":
+        return CPU_BATCH_SIZE
+    probe = probe or (lambda batch: _probe_batch(model, batch, size, settings, speed, device))
+    largest, batch = 0, 1
+    while batch <= limit:
+        try:
+            probe(batch)
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+        largest, batch = batch, batch * 2
+    if largest == 0:
+        raise RuntimeError(f"not even one {size}×{size} image fits in GPU memory")
+    return max(1, int(largest * margin))
+
+
+def _probe_batch(model, batch, size, settings, speed, device) -> None:
+    images = torch.rand(batch, 3, size, size, device=device)
+    targets = torch.zeros(batch, dtype=torch.long, device=device)
+    seeds = list(range(batch))
+    if isinstance(settings, ExtremalSettings):
+        extremal_masks(model, images, targets, seeds, settings.replace(iterations=2))
+    else:
+        optimize_masks(model, images, targets, seeds, settings.replace(iterations=2), speed=speed)
+
+
 class Interrupted(Exception):
     """The run stopped early on SIGTERM/SIGUSR1 after flushing; rerun to resume."""
 
@@ -392,6 +440,12 @@ def run(options: RunOptions) -> RunResult:
     config["normalization"] = {"mean": model.mean.tolist(), "std": model.std.tolist()}
     speed = speed_options(options, device)
     config["speed"] = speed.to_dict()
+    if options.batch_size == "auto":
+        options = dataclasses.replace(
+            options, batch_size=auto_batch_size(model, options.size, settings, speed, device)
+        )
+        print(f"mpbatch: --batch-size auto chose {options.batch_size}", file=sys.stderr)
+    config["batch_size"] = options.batch_size
     config["shard"] = {
         "rank": shard.rank,
         "world": shard.world,

@@ -136,3 +136,28 @@ def test_out_of_memory_halves_the_batch_until_it_fits() -> None:
 
     with pytest.raises(torch.OutOfMemoryError):
         _halve_on_oom(never_fits, 4)
+
+
+def test_auto_batch_size_keeps_a_margin_below_the_largest_that_fits() -> None:
+    from pipeline.optimize import MaskSettings, SpeedOptions
+    from pipeline.runner import CPU_BATCH_SIZE, auto_batch_size
+
+    tried = []
+
+    def probe(batch: int) -> None:
+        tried.append(batch)
+        if batch > 40:
+            raise torch.OutOfMemoryError("simulated")
+
+    cuda = torch.device("cuda")
+    chosen = auto_batch_size(None, 224, MaskSettings(), SpeedOptions(), cuda, probe=probe)
+    assert tried == [1, 2, 4, 8, 16, 32, 64] and chosen == 24  # 0.75 × 32
+    capped = auto_batch_size(
+        None, 224, MaskSettings(), SpeedOptions(), cuda, probe=lambda b: None, limit=16
+    )
+    assert capped == 12
+    assert auto_batch_size(None, 224, MaskSettings(), SpeedOptions(), torch.device("cpu")) == (
+        CPU_BATCH_SIZE
+    )
+    result = CliRunner().invoke(main, ["run", ".", "-o", "x", "--batch-size", "zero"])
+    assert result.exit_code == 2 and "batch-size" in result.output
