@@ -39,7 +39,8 @@ demo: install
 
 # What CI runs after the tests: the demo on two images with a few iterations.
 smoke: install
-	$(BIN)/mpbatch run examples -o smoke-out --limit 2 --iterations 3 --batch-size 2 --overwrite --quiet
+	$(BIN)/mpbatch run examples -o smoke-out --limit 2 --iterations 3 --batch-size 2 --step 1792 \
+		--baselines center --overwrite --quiet
 	$(BIN)/mpbatch show smoke-out -o smoke-out/figures
 	test -s smoke-out/report.csv
 	test "$$(ls smoke-out/figures/*.png | wc -l)" -eq 2
