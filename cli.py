@@ -475,8 +475,9 @@ def merge(out) -> None:
     "-o",
     "--output",
     type=click.Path(path_type=Path),
-    default=None,
-    help="Also write the comparison as CSV (and .md beside it).",
+    default="comparison.csv",
+    show_default=True,
+    help="Where to write the comparison as CSV (and .md beside it).",
 )
 @_user_errors
 def report(runs, output) -> None:
@@ -485,9 +486,9 @@ def report(runs, output) -> None:
 
     table = compare_runs(list(runs))
     click.echo(markdown_table(table))
-    if output is not None:
-        table.to_csv(output, index=False)
-        Path(output).with_suffix(".md").write_text(markdown_table(table) + "\n")
+    table.to_csv(output, index=False)
+    Path(output).with_suffix(".md").write_text(markdown_table(table))
+    click.echo(f"written to {output} and {Path(output).with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -237,20 +237,27 @@ def _number(value: object, digits: int = 3) -> str:
 
 
 def _cell(row: pd.Series, column: str, interval: bool) -> str:
-    if not interval or not np.isfinite(row[column]):
-        return _number(row[column])
+    value = row[column]
+    if not interval or isinstance(value, str) or not np.isfinite(value):
+        return _number(value)
     low, high = _number(row[f"{column}_low"]), _number(row[f"{column}_high"])
     return f"{_number(row[column])} [{low}, {high}]"
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    """The summary table as a GitHub markdown table, cells 'mean [low, high]'."""
+    """The summary table as a GitHub markdown table, cells 'mean [low, high]'.
+
+    Leading `run`, `model` and `preset` columns (compare_runs) are shown when present.
+    """
+    leading = tuple((c, c, False) for c in ("run", "model", "preset") if c in table)
+    columns = leading + _MD_COLUMNS
+    text = {"run", "model", "preset", "method"}
     lines = [
-        "| " + " | ".join(h for h, _, _ in _MD_COLUMNS) + " |",
-        "|" + "|".join("---" if c == "method" else "---:" for _, c, _ in _MD_COLUMNS) + "|",
+        "| " + " | ".join(h for h, _, _ in columns) + " |",
+        "|" + "|".join("---" if c in text else "---:" for _, c, _ in columns) + "|",
     ]
     for _, row in table.iterrows():
-        cells = [_cell(row, column, interval) for _, column, interval in _MD_COLUMNS]
+        cells = [_cell(row, column, interval) for _, column, interval in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -277,3 +277,35 @@ def test_extremal_method_end_to_end(class_folders, tmp_path) -> None:
     assert figures.exit_code == 0, figures.output
     refused = CliRunner().invoke(main, [*args, "--tv", "0.3"])
     assert refused.exit_code == 2 and "--tv" in refused.output
+
+
+def test_report_compares_runs_side_by_side(class_folders, tmp_path) -> None:
+    runs = []
+    for name, l1 in (("weak", "0.01"), ("strong", "0.5")):
+        out = tmp_path / name
+        args = [
+            "run",
+            str(class_folders),
+            "-o",
+            str(out),
+            "--model",
+            TINY,
+            "--l1",
+            l1,
+            "--limit",
+            "2",
+            *FAST,
+            *METRIC_ARGS,
+            "--baselines",
+            "center",
+        ]
+        assert CliRunner().invoke(main, args).exit_code == 0
+        runs.append(str(out))
+    output = tmp_path / "cmp.csv"
+    result = CliRunner().invoke(main, ["report", *runs, "-o", str(output)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(output)
+    assert list(table["run"]) == ["weak", "weak", "strong", "strong"]
+    assert list(table["method"]) == ["method", "center"] * 2
+    assert "| weak |" in result.output and "| strong |" in result.output
+    assert output.with_suffix(".md").read_text().count("| strong |") == 2
