@@ -161,3 +161,35 @@ def test_auto_batch_size_keeps_a_margin_below_the_largest_that_fits() -> None:
     )
     result = CliRunner().invoke(main, ["run", ".", "-o", "x", "--batch-size", "zero"])
     assert result.exit_code == 2 and "batch-size" in result.output
+
+
+def test_disk_full_is_one_line_and_keeps_what_was_written(tmp_path, monkeypatch) -> None:
+    import errno
+
+    from pipeline.store import MaskStore
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(6):
+        Image.new("RGB", (16, 16), (40 * i, 20, 200)).save(data / f"{i}.png")
+    out = tmp_path / "out"
+    args = ["run", str(data), "-o", str(out), *ARGS, "--batch-size", "2"]
+    original = MaskStore._append_main
+    calls = {"n": 0}
+
+    def full_after_first(self, columns, failures, next_position):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return original(self, columns, failures, next_position)
+
+    monkeypatch.setattr(MaskStore, "_append_main", full_after_first)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "masks.h5" in lines[0]
+    monkeypatch.setattr(MaskStore, "_append_main", original)
+    # the first batch survived; the rerun completes the run without duplicates
+    assert CliRunner().invoke(main, args).exit_code == 0
+    columns, _ = read_columns(out / "masks.h5")
+    assert sorted(columns["path"]) == [f"{i}.png" for i in range(6)]
