@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .perturbations import gaussian_kernel1d
 from .seeding import image_seed
 
 __all__ = [
@@ -187,13 +188,6 @@ def deletion_substrate(model, images: Tensor) -> Tensor:
     _check_images(images)
     mean, _ = _norm_stats(model, images)
     return mean.expand_as(images).clone()
-
-
-def gaussian_kernel1d(size: int, sigma: float, *, dtype=torch.float64, device=None) -> Tensor:
-    """Sampled Gaussian exp(-d²/2σ²), d = -(size//2) .. size//2, normalised to sum 1."""
-    d = torch.arange(size, dtype=torch.float64, device=device) - (size // 2)
-    k = torch.exp(-(d * d) / (2.0 * float(sigma) ** 2))
-    return (k / k.sum()).to(dtype)
 
 
 def insertion_substrate(model, images: Tensor, protocol: CurveProtocol = CurveProtocol()) -> Tensor:

@@ -21,14 +21,17 @@ import torch.nn.functional as F
 SUBSTRATES = ("blur-median", "blur", "constant", "noise")
 
 
-def gaussian_kernel1d(kernel_size: int, sigma: float, device=None) -> torch.Tensor:
-    """Normalised 1-D Gaussian taps, shape (kernel_size,), summing to 1."""
+def gaussian_kernel1d(
+    kernel_size: int, sigma: float, device=None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Sampled Gaussian exp(-d²/2σ²), d = -(size//2)..size//2, normalised to sum 1 (computed
+    in float64, returned in `dtype`)."""
     if kernel_size % 2 != 1 or kernel_size < 1:
         raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
     half = kernel_size // 2
     x = torch.arange(-half, half + 1, dtype=torch.float64, device=device)
-    taps = torch.exp(-(x**2) / (2.0 * sigma**2))
-    return (taps / taps.sum()).to(torch.float32)
+    taps = torch.exp(-(x**2) / (2.0 * float(sigma) ** 2))
+    return (taps / taps.sum()).to(dtype)
 
 
 def default_kernel_size(sigma: float) -> int:
