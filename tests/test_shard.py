@@ -202,3 +202,39 @@ def test_torchrun_two_processes_equal_one_process(data, single, tmp_path) -> Non
     assert (out / "masks-00000-of-00002.h5").exists()
     assert (out / "masks-00001-of-00002.h5").exists()
     _assert_equal(read_columns(out / "masks.h5")[0], single)
+
+
+def test_extremal_shards_merged_equal_one_process(data, tmp_path) -> None:
+    extremal = [
+        "--model",
+        TINY,
+        "--size",
+        "32",
+        "--workers",
+        "0",
+        "--quiet",
+        "--method",
+        "extremal",
+        "--iterations",
+        "3",
+        "--areas",
+        "0.1,0.3",
+        "--limit",
+        "6",
+        "--batch-size",
+        "2",
+        "--step",
+        "256",
+        "--baselines",
+        "none",
+    ]
+    single = tmp_path / "single"
+    assert CliRunner().invoke(main, ["run", str(data), "-o", str(single), *extremal]).exit_code == 0
+    sharded = tmp_path / "sharded"
+    for rank in (1, 0):
+        args = ["run", str(data), "-o", str(sharded), "--shard", f"{rank}/2", *extremal]
+        assert CliRunner().invoke(main, args).exit_code == 0
+    merged = read_columns(sharded / "masks.h5")[0]
+    reference = read_columns(single / "masks.h5")[0]
+    assert merged["masks"].shape == reference["masks"].shape == (5, 2, 56, 56)
+    _assert_equal(merged, reference)
