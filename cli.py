@@ -38,6 +38,34 @@ def _user_errors(function):
     return wrapper
 
 
+def _dataset_options(function):
+    """Options shared by `run` and `evaluate`: where labels and boxes come from (DESIGN §3)."""
+    options = [
+        click.option(
+            "--labels-csv",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="LOC_val_solution.csv (default: found in or next to DATA).",
+        ),
+        click.option(
+            "--synset-mapping",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="LOC_synset_mapping.txt (default: found in or next to DATA).",
+        ),
+        click.option(
+            "--boxes",
+            "boxes_dir",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Folder of per-image box XMLs (ILSVRC / PASCAL VOC style).",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
 def _evaluation_options(function):
     """Options shared by `run` and `evaluate`: the scoring protocol (DESIGN §4)."""
     options = [
@@ -212,25 +240,7 @@ def main() -> None:
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
 @click.option("--limit", type=int, default=None, help="Process only the first N images.")
-@click.option(
-    "--labels-csv",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="LOC_val_solution.csv (default: found in or next to DATA).",
-)
-@click.option(
-    "--synset-mapping",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="LOC_synset_mapping.txt (default: found in or next to DATA).",
-)
-@click.option(
-    "--boxes",
-    "boxes_dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Folder of per-image box XMLs (ILSVRC / PASCAL VOC style).",
-)
+@_dataset_options
 @click.option(
     "--metrics/--no-metrics",
     default=True,
@@ -398,9 +408,7 @@ def show(out, dest, limit) -> None:
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
-@click.option("--labels-csv", type=click.Path(path_type=Path), default=None)
-@click.option("--synset-mapping", type=click.Path(path_type=Path), default=None)
-@click.option("--boxes", "boxes_dir", type=click.Path(path_type=Path), default=None)
+@_dataset_options
 @_evaluation_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_user_errors

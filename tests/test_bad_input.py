@@ -11,12 +11,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from tiny_models import TINY
 
 from cli import main
 from pipeline.runner import _halve_on_oom
 from pipeline.store import read_columns
 
-TINY = "tiny_models:make_tiny_cnn"
 ARGS = [
     "--model",
     TINY,

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from tiny_models import TINY
 
 from cli import main
 
-TINY = "tiny_models:make_tiny_cnn"
 FAST = ["--size", "32", "--iterations", "3", "--mask-size", "8", "--workers", "0", "--quiet"]
 WNIDS = ("n01440764", "n01443537")  # ImageNet classes 0 and 1
 
@@ -131,6 +131,24 @@ def test_missing_data_is_one_line_error(tmp_path) -> None:
 METRIC_ARGS = ["--step", "64", "--eval-batch-size", "64"]
 
 
+def _evaluate_args(data) -> list[str]:
+    """`evaluate` options for the tiny model on `data`, without baselines."""
+    return [
+        "--data",
+        str(data),
+        "--model",
+        TINY,
+        "--size",
+        "32",
+        "--workers",
+        "0",
+        "--quiet",
+        "--baselines",
+        "none",
+        *METRIC_ARGS,
+    ]
+
+
 def _columns(path):
     from pipeline.store import read_columns
 
@@ -183,20 +201,7 @@ def test_evaluate_foreign_maps_equals_run(class_folders, tmp_path) -> None:
     listing = tmp_path / "paths.txt"
     listing.write_text("\n".join(run_columns["path"]) + "\n")
 
-    common = [
-        "--data",
-        str(class_folders),
-        "--model",
-        TINY,
-        "--size",
-        "32",
-        "--workers",
-        "0",
-        "--quiet",
-        "--baselines",
-        "none",
-        *METRIC_ARGS,
-    ]
+    common = _evaluate_args(class_folders)
     for name, source, extra in (("h5", foreign, []), ("npy", npy, ["--paths", str(listing)])):
         result = CliRunner().invoke(
             main, ["evaluate", str(source), "-o", str(tmp_path / name), *common, *extra]
@@ -215,20 +220,7 @@ def test_evaluate_foreign_maps_equals_run(class_folders, tmp_path) -> None:
 
 
 def test_evaluate_baseline_and_bad_sources(class_folders, tmp_path) -> None:
-    common = [
-        "--data",
-        str(class_folders),
-        "--model",
-        TINY,
-        "--size",
-        "32",
-        "--workers",
-        "0",
-        "--quiet",
-        "--baselines",
-        "none",
-        *METRIC_ARGS,
-    ]
+    common = _evaluate_args(class_folders)
     result = CliRunner().invoke(
         main, ["evaluate", "--baseline", "center", "-o", str(tmp_path / "c"), *common]
     )

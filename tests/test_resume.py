@@ -18,12 +18,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from tiny_models import TINY
 
 from pipeline.runner import EXIT_INTERRUPTED
 from pipeline.store import journal_dir, read_columns, read_failures
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = "tiny_models:make_tiny_cnn"
 ARGS = [
     "--model",
     TINY,

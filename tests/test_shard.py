@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from tiny_models import TINY
 
 from cli import main
 from pipeline.datasets import DatasetError, resolve_shard, shard_range
 from pipeline.store import read_columns
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = "tiny_models:make_tiny_cnn"
 ARGS = [
     "--model",
     TINY,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+TINY = "tiny_models:make_tiny_cnn"  # the --model value that loads TinyCNN
+
 
 class TinyCNN(nn.Module):
     """A few seeded random conv layers; pixels in [0, 1] -> logits B×num_classes."""
