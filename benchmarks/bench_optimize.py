@@ -43,11 +43,11 @@ from pipeline.models import load_model  # noqa: E402
 from pipeline.optimize import (  # noqa: E402
     PRESETS,
     SpeedOptions,
-    image_seed,
     optimize_masks,
     total_variation,
 )
 from pipeline.perturbations import make_substrate  # noqa: E402
+from pipeline.seeding import image_seed  # noqa: E402
 
 SETTINGS = PRESETS["seed"]
 
@@ -275,6 +275,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time torch.compile (on top of the recommended options) at these batch sizes",
     )
     parser.add_argument(
+        "--cudagraph-batch-sizes",
+        default="",
+        help="also time torch.compile with CUDA graphs (reduce-overhead) on top of the "
+        "recommended options at these batch sizes (CUDA only)",
+    )
+    parser.add_argument(
         "--flush-denormal",
         action="store_true",
         help="torch.set_flush_denormal(True) before any work, for every variant alike",
@@ -309,6 +315,7 @@ def make_row(
         "channels_last": speed.channels_last,
         "adam": speed.adam,
         "compile": speed.compile,
+        "cuda_graphs": speed.cuda_graphs,
         "batch_size": batch,
         "s_per_img_iter": round(s_img_iter, 6),
         "images_per_s_500": round(1.0 / (s_img_iter * SETTINGS.iterations), 6),
@@ -366,6 +373,8 @@ def bench_model(
     plan = [(v, variants[v], b) for b in args.batch_sizes_list for v in args.variant_names]
     compiled = SpeedOptions(**{**variants["recommended"].to_dict(), "compile": True})
     plan += [("recommended+compile", compiled, b) for b in args.compile_sizes_list]
+    graphed = SpeedOptions(**{**compiled.to_dict(), "cuda_graphs": True})
+    plan += [("recommended+cudagraphs", graphed, b) for b in args.cudagraph_sizes_list]
     done: dict[tuple[SpeedOptions, int], dict] = {}
     for variant, speed, batch in plan:
         if (speed, batch) in done:  # "recommended" equal to a variant already timed
@@ -418,6 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     batch_sizes = _ints(args.batch_sizes or ("1,8" if device.type == "cpu" else "1,8,16,32,64"))
     compile_sizes = _ints(args.compile_batch_sizes)
+    cudagraph_sizes = _ints(args.cudagraph_batch_sizes)
     variant_names = [v for v in args.variants.split(",") if v]
     unknown = set(variant_names) - {*VARIANTS, "recommended"}
     if unknown:
@@ -431,8 +441,9 @@ def main(argv: list[str] | None = None) -> None:
     common |= {"threads": torch.get_num_threads()}
 
     args.batch_sizes_list, args.compile_sizes_list = batch_sizes, compile_sizes
+    args.cudagraph_sizes_list = cudagraph_sizes
     args.variant_names = variant_names
-    n_max = max(batch_sizes + compile_sizes)
+    n_max = max(batch_sizes + compile_sizes + cudagraph_sizes)
     images_all = smooth_images(n_max, args.size, device)
     substrate_all = make_substrate(images_all, SETTINGS.perturbation, blur_sigma=5.0)
     seeds_all = [image_seed(0, f"bench_{i}.png") for i in range(n_max)]

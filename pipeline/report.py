@@ -270,12 +270,32 @@ def _describe_value(value: object) -> str:
     return str(value)
 
 
+def _describe_timings(timings: dict) -> str:
+    """One line: seconds per phase with its share of the total, then images/s."""
+    total = float(timings.get("total", 0.0))
+    parts = []
+    for key, label in (
+        ("load", "waiting for data"),
+        ("optimize", "optimising"),
+        ("evaluate", "evaluating"),
+        ("write", "writing"),
+    ):
+        if key in timings:
+            seconds = float(timings[key])
+            share = f" ({100 * seconds / total:.1f}%)" if total > 0 else ""
+            parts.append(f"{label} {seconds:.1f} s{share}")
+    if total > 0:
+        parts.append(f"total {total:.1f} s")
+    if "images_per_s" in timings:
+        parts.append(f"{float(timings['images_per_s']):.3g} images/s")
+    return "- " + ", ".join(parts)
+
+
 def _markdown_header(
     title: str, attrs: dict, evaluated: int, skipped: int, n_resamples: int
 ) -> str:
     config = attrs.get("config") if isinstance(attrs.get("config"), dict) else {}
     protocol = attrs.get("protocol") if isinstance(attrs.get("protocol"), dict) else None
-    config = attrs.get("config") if isinstance(attrs.get("config"), dict) else {}
     if protocol is None and isinstance(config.get("evaluation"), dict):
         protocol = config["evaluation"]  # the run's settings, when the attribute is missing
     weights = f" ({config['weights']} weights)" if config.get("weights") else ""
@@ -300,6 +320,9 @@ def _markdown_header(
         lines += [f"- {key}: {_describe_value(value)}" for key, value in protocol.items()]
     else:
         lines.append(f"- not recorded in {MASKS_FILE}")
+    timings = attrs.get("timings")
+    if isinstance(timings, dict) and timings:
+        lines += ["", "## Time (the run's last invocation)", "", _describe_timings(timings)]
     lines += [
         "",
         "## Results",

@@ -137,6 +137,7 @@ class RunOptions:
     on_error: str = "skip"  # "skip" bad images (listed in failures.csv) or "fail"
     precision: str = "auto"  # "auto" | "fp32" | "bf16" (model forward only)
     compile: bool = False  # torch.compile the model (static shapes)
+    cuda_graphs: bool = False  # with compile on CUDA: replay as CUDA graphs (reduce-overhead)
     method: str = "meaningful"  # "meaningful" (Fong & Vedaldi 2017) or "extremal" (2019)
     area: int | None = None  # extremal: score this area's mask (index), else the sum over areas
     evaluation: EvalOptions | None = field(default_factory=lambda: EvalOptions())
@@ -228,7 +229,8 @@ def speed_options(options: RunOptions, device: torch.device) -> SpeedOptions:
             speed = SpeedOptions.recommended(device, options.model)
     else:
         speed = SpeedOptions(precision=options.precision, channels_last=options.precision == "bf16")
-    return dataclasses.replace(speed, compile=options.compile)
+    graphs = options.compile and options.cuda_graphs
+    return dataclasses.replace(speed, compile=options.compile, cuda_graphs=graphs)
 
 
 def check_labels(samples: list[Sample], num_classes: int, model_name: str) -> None:

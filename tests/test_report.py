@@ -161,7 +161,10 @@ def _write_run(folder: Path, model: str, preset: str, shift: float = 0.0) -> Pat
     config = {"model": model, "preset": preset, "mask": {"iterations": 3}}
     with MaskStore.open(folder / "masks.h5", config, {"torch": "x"}) as store:
         store.append(columns, [(6, "broken.jpg", "truncated")], next_position=7)
-        store.set_attrs(protocol=PROTOCOL, class_names=["a", "b", "c"])
+        timings = {"load": 1.0, "optimize": 6.0, "evaluate": 2.0, "write": 1.0, "total": 10.0}
+        store.set_attrs(
+            protocol=PROTOCOL, class_names=["a", "b", "c"], timings=timings | {"images_per_s": 0.6}
+        )
     return folder / "masks.h5"
 
 
@@ -188,6 +191,8 @@ def test_write_summary_writes_csv_markdown_and_curves(tmp_path) -> None:
         "blur_sigma: 5.0",
         "tolerance: 15.0",
         "insertion_substrate: 11x11 Gaussian blur",
+        "waiting for data 1.0 s (10.0%), optimising 6.0 s (60.0%), evaluating 2.0 s (20.0%), "
+        "writing 1.0 s (10.0%), total 10.0 s, 0.6 images/s",
     ):
         assert text in md, text
     table_lines = [line for line in md.splitlines() if line.startswith("|")]
@@ -213,6 +218,7 @@ def test_write_summary_without_protocol_or_curves(tmp_path) -> None:
     assert list(table["method"]) == ["method"]
     md = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
     assert "not recorded in masks.h5" in md and "preset: unknown" in md
+    assert "## Time" not in md  # no timings attribute: no section
     assert (tmp_path / "out" / "curves.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
