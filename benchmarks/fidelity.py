@@ -12,6 +12,7 @@ each into its own folder under ``--work``, with deletion / insertion / pointing 
 - the run's own timings (seconds optimising and evaluating, images/s).
 
     .venv/bin/python benchmarks/fidelity.py DATA --limit 64 --variants fp32,bf16
+    .venv/bin/python benchmarks/fidelity.py --compare A/masks.h5 B/masks.h5   # by image path
     python3 benchmarks/fidelity.py DATA --device cuda --limit 128 --batch-size 64 \\
         --variants fp32,bf16,bf16+compile --out benchmarks/results/fidelity_cuda.csv
 
@@ -67,6 +68,22 @@ def mask_agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]
         "undefined": int((~defined).sum()),
         "mean_abs_diff": float(np.abs(reference - other).mean()),
     }
+
+
+def compare_files(paths: list[Path]) -> pd.DataFrame:
+    """Mask agreement of each mask file with the first, over the images (by path) they share."""
+    reference, _ = read_columns(paths[0])
+    position = {p: i for i, p in enumerate(reference["path"])}
+    rows = []
+    for path in paths[1:]:
+        columns, _ = read_columns(path)
+        shared = [i for i, p in enumerate(columns["path"]) if p in position]
+        ref_rows = [position[columns["path"][i]] for i in shared]
+        agreement = mask_agreement(reference["masks"][ref_rows], columns["masks"][shared])
+        rows.append(
+            {"reference": str(paths[0]), "other": str(path), "images": len(shared), **agreement}
+        )
+    return pd.DataFrame(rows)
 
 
 def run_variant(args: argparse.Namespace, name: str) -> Path:
@@ -131,7 +148,16 @@ def compare(args: argparse.Namespace, outs: dict[str, Path]) -> pd.DataFrame:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("data", type=Path, help="image folder (any layout mpbatch accepts)")
+    parser.add_argument(
+        "data", type=Path, nargs="?", help="image folder (any layout mpbatch accepts)"
+    )
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="instead of running: compare these mask files' masks with the first one's",
+    )
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--weights", default=None)
     parser.add_argument("--device", default="auto")
@@ -147,6 +173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path("fidelity_runs"))
     parser.add_argument("--out", type=Path, default=None, help="CSV (default: print only)")
     args = parser.parse_args(argv)
+    if args.data is None and not args.compare:
+        parser.error("give an image folder, or --compare A.h5 B.h5 ...")
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -156,6 +184,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.compare:
+        table = compare_files(args.compare)
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        if args.out:
+            table.to_csv(args.out, index=False)
+            print(f"wrote {args.out}")
+        return
     outs = {name: run_variant(args, name) for name in args.variants}
     table = compare(args, outs)
     table.insert(0, "model", args.model)

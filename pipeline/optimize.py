@@ -99,6 +99,10 @@ ADAM_IMPLEMENTATIONS = ("default", "foreach", "fused")
 # win for EfficientNet-Lite0 in bench_optimize.py (0.8-1.4x, within that run's noise), while
 # resnet50 and vgg19 gained 3-7x from bf16 + channels_last.
 _DEPTHWISE_FAMILIES = ("efficientnet", "mobilenet", "mnasnet", "ghostnet", "lcnet")
+# On an H100 (benchmarks/results/bench_optimize_cuda.csv, batch 64) bf16 + channels_last gave
+# vgg19 20.9x the reference loop against 14.6x for bf16 alone, but resnet50 28.9x against
+# 37.9x and lite0 50.4x against 60.3x: channels_last is kept on CUDA for VGG only.
+_CUDA_CHANNELS_LAST_FAMILIES = ("vgg",)
 
 
 def resolve_precision(device: torch.device | str, model_name: str = "") -> str:
@@ -106,7 +110,8 @@ def resolve_precision(device: torch.device | str, model_name: str = "") -> str:
 
     CPU with AMX tiles (bf16 matrix units): "bf16", except for depthwise-heavy families
     (EfficientNet, MobileNet, ...), which stay "fp32" (measured). CUDA with bf16 support:
-    "bf16" (not yet measured here: benchmarks/gpu_check.sh). Anything else: "fp32".
+    "bf16" (on an H100 at batch 64 it beat fp32 for lite0, resnet50 and vgg19). Anything
+    else: "fp32".
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -159,10 +164,16 @@ class SpeedOptions:
 
     @classmethod
     def recommended(cls, device: torch.device | str, model_name: str = "") -> SpeedOptions:
-        """The options that won in bench_optimize.py: resolved precision, channels_last with
-        bf16 (on CPU bf16 pays only together with it), PyTorch's default Adam, no compile."""
+        """The options that won in bench_optimize.py: resolved precision; channels_last with
+        bf16 on CPU (bf16 pays only together with it there) and, on CUDA, for VGG only (on an
+        H100 it lost for resnet50 and lite0); PyTorch's default Adam; no compile."""
+        device = torch.device(device)
         precision = resolve_precision(device, model_name)
-        return cls(precision=precision, channels_last=precision == "bf16")
+        channels_last = precision == "bf16"
+        if device.type == "cuda":
+            name = model_name.lower()
+            channels_last &= any(family in name for family in _CUDA_CHANNELS_LAST_FAMILIES)
+        return cls(precision=precision, channels_last=channels_last)
 
     def resolved(self, device: torch.device | str, model_name: str = "") -> SpeedOptions:
         """A copy with precision "auto" replaced by resolve_precision's answer."""

@@ -44,6 +44,7 @@ from .metrics import (
 from .models import NormalizedClassifier, load_model
 from .optimize import (
     PRESETS,
+    MaskResult,
     MaskSettings,
     SpeedOptions,
     make_batch_substrate,
@@ -124,7 +125,7 @@ class RunOptions:
     overrides: dict = field(default_factory=dict)  # MaskSettings fields set on the CLI
     size: int = 224
     target: str = "label"  # "label" (ground truth where known, else top-1) or "predicted"
-    batch_size: int | str = 16  # or "auto" (auto_batch_size)
+    batch_size: int | str = "auto"  # or a number (auto: auto_batch_size)
     workers: int = 2
     device: str = "auto"
     limit: int | None = None
@@ -266,8 +267,14 @@ def explain_batch(
     settings: MaskSettings | ExtremalSettings,
     target_mode: str,
     speed: SpeedOptions | None = None,
+    pad_to: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Classify and mask one batch; returns the per-image columns of the mask file."""
+    """Classify and mask one batch; returns the per-image columns of the mask file.
+
+    pad_to: optimise at least this many images, repeating the last one (its copies are
+    dropped); with --compile a short last batch then reuses the compiled shapes. Masks do
+    not depend on their batch neighbours, so the real images' masks are unchanged.
+    """
     probs = classify(model, images)
     predictions = probs.argmax(dim=1)
     targets = choose_targets(labels, predictions, target_mode)
@@ -287,7 +294,14 @@ def explain_batch(
             "reward": result.rewards.float().cpu().numpy(),
             "mask_area": masks.flatten(2).mean(2).cpu().numpy(),
         }
+    count = len(keys)
+    extra = max(0, (pad_to or 0) - count)
+    if extra:
+        images = torch.cat([images, images[-1:].expand(extra, -1, -1, -1)])
+        targets = torch.cat([targets, targets[-1:].expand(extra)])
+        seeds = seeds + seeds[-1:] * extra
     result = optimize_masks(model, images, targets, seeds, settings, speed=speed)
+    result = MaskResult(result.masks[:count], result.loss[:count], result.prob_masked[:count])
     masks = result.masks[:, 0]
     return {
         **common,
@@ -337,7 +351,7 @@ def auto_batch_size(
     speed: SpeedOptions,
     device: torch.device,
     *,
-    limit: int = 256,
+    limit: int = 128,
     margin: float = 0.75,
     probe=None,
 ) -> int:
@@ -345,8 +359,10 @@ def auto_batch_size(
 
     On CUDA, batches of 1, 2, 4, ... (up to `limit`) each run two optimisation iterations on
     random images until one runs out of memory; `margin` of the largest that fitted is kept
-    (the metrics and the data loader need memory too). On CPU memory is not the limit:
-    CPU_BATCH_SIZE.
+    (the metrics and the data loader need memory too), or `limit` itself when it fitted.
+    The limit is 128 because that is as far as bench_optimize.py has measured: on an H100,
+    vgg19 ran 18% faster per image at 128 than at 64 (bench_optimize_cuda*.csv). On CPU
+    memory is not the limit: CPU_BATCH_SIZE.
     """
     if device.type != "cuda":
         return CPU_BATCH_SIZE
@@ -362,6 +378,8 @@ def auto_batch_size(
         largest, batch = batch, batch * 2
     if largest == 0:
         raise RuntimeError(f"not even one {size}×{size} image fits in GPU memory")
+    if largest == limit:
+        return limit
     return max(1, int(largest * margin))
 
 
@@ -559,7 +577,15 @@ def _process_batch(
         sizes = [(int(batch["width"][i]), int(batch["height"][i])) for i in good]
         columns = _halve_on_oom(
             lambda lo, hi: _mask_and_score(
-                model, images[lo:hi], rows[lo:hi], sizes[lo:hi], settings, options, timings, speed
+                model,
+                images[lo:hi],
+                rows[lo:hi],
+                sizes[lo:hi],
+                settings,
+                options,
+                timings,
+                speed,
+                whole_batch=hi - lo == len(good),
             ),
             len(good),
         )
@@ -573,12 +599,19 @@ def _process_batch(
     return len(good), failures
 
 
-def _mask_and_score(model, images, rows, sizes, settings, options, timings, speed) -> dict:
+def _mask_and_score(
+    model, images, rows, sizes, settings, options, timings, speed, whole_batch=True
+) -> dict:
     device = images.device
     labels = torch.tensor([s.label for s in rows], device=device)
     tick = time.perf_counter()
     keys = [s.path for s in rows]
-    columns = explain_batch(model, images, labels, keys, settings, options.target, speed)
+    # compiled: pad a short last batch to the compiled shape (not the halves after an OOM)
+    compiled = speed is not None and speed.compile and whole_batch
+    pad_to = options.batch_size if compiled else None
+    columns = explain_batch(
+        model, images, labels, keys, settings, options.target, speed, pad_to=pad_to
+    )
     timings["optimize"] += time.perf_counter() - tick
     if options.evaluation is not None:
         tick = time.perf_counter()

@@ -155,7 +155,11 @@ def test_auto_batch_size_keeps_a_margin_below_the_largest_that_fits() -> None:
     capped = auto_batch_size(
         None, 224, MaskSettings(), SpeedOptions(), cuda, probe=lambda b: None, limit=16
     )
-    assert capped == 12
+    assert capped == 16  # the limit itself fitted: memory is not what stops it
+    uneven = auto_batch_size(
+        None, 224, MaskSettings(), SpeedOptions(), cuda, probe=lambda b: None, limit=24
+    )
+    assert uneven == 12  # 0.75 × 16: 32 was never tried, so 16 is the largest known to fit
     assert auto_batch_size(None, 224, MaskSettings(), SpeedOptions(), torch.device("cpu")) == (
         CPU_BATCH_SIZE
     )
