@@ -163,12 +163,16 @@ class SpeedOptions:
             raise ValueError("cuda_graphs needs compile (they are torch.compile's reduce-overhead)")
 
     @classmethod
-    def recommended(cls, device: torch.device | str, model_name: str = "") -> SpeedOptions:
-        """The options that won in bench_optimize.py: resolved precision; channels_last with
-        bf16 on CPU (bf16 pays only together with it there) and, on CUDA, for VGG only (on an
-        H100 it lost for resnet50 and lite0); PyTorch's default Adam; no compile."""
+    def recommended(
+        cls, device: torch.device | str, model_name: str = "", precision: str = "auto"
+    ) -> SpeedOptions:
+        """The options that won in bench_optimize.py: the precision (resolve_precision's
+        when "auto"); channels_last with bf16 on CPU (bf16 pays only together with it there)
+        and, on CUDA, for VGG only (on an H100 it lost for resnet50 and lite0); PyTorch's
+        default Adam; no compile."""
         device = torch.device(device)
-        precision = resolve_precision(device, model_name)
+        if precision == "auto":
+            precision = resolve_precision(device, model_name)
         channels_last = precision == "bf16"
         if device.type == "cuda":
             name = model_name.lower()

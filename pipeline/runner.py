@@ -218,9 +218,10 @@ def run_config(options: RunOptions, layout: str, settings: MaskSettings) -> dict
 def speed_options(options: RunOptions, device: torch.device) -> SpeedOptions:
     """How the optimisation runs (no effect on the hyperparameters).
 
-    "auto" precision follows bench_optimize.py: bf16 with channels_last where it won
-    (standard conv nets on AMX CPUs; CUDA), fp32 for depthwise-heavy nets and for custom
-    `module:function` models, which nothing has measured.
+    "auto" precision follows bench_optimize.py (SpeedOptions.recommended): bf16 where it
+    won (CUDA; standard conv nets on AMX CPUs), fp32 for depthwise-heavy nets on CPU and for
+    custom `module:function` models, which nothing has measured. An explicit precision
+    gets the memory format measured best with it.
     """
     custom = ":" in options.model and not options.model.startswith("timm:")
     if options.precision == "auto":
@@ -229,7 +230,7 @@ def speed_options(options: RunOptions, device: torch.device) -> SpeedOptions:
         else:
             speed = SpeedOptions.recommended(device, options.model)
     else:
-        speed = SpeedOptions(precision=options.precision, channels_last=options.precision == "bf16")
+        speed = SpeedOptions.recommended(device, options.model, precision=options.precision)
     graphs = options.compile and options.cuda_graphs
     return dataclasses.replace(speed, compile=options.compile, cuda_graphs=graphs)
 

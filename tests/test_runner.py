@@ -96,5 +96,9 @@ def test_cuda_speed_options_follow_the_h100_measurements(monkeypatch) -> None:
     assert speed_options(options, cuda) == SpeedOptions(
         "bf16", channels_last=True, compile=True, cuda_graphs=True
     )
+    explicit = RunOptions(data=".", out=".", model="resnet50", precision="bf16")
+    assert speed_options(explicit, cuda) == SpeedOptions("bf16")
+    cpu_bf16 = RunOptions(data=".", out=".", model="efficientnet_lite0", precision="bf16")
+    assert speed_options(cpu_bf16, torch.device("cpu")) == SpeedOptions("bf16", channels_last=True)
     fp32 = RunOptions(data=".", out=".", precision="fp32", cuda_graphs=True)
     assert speed_options(fp32, cuda) == SpeedOptions()  # graphs only ever with compile
