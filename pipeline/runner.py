@@ -460,7 +460,9 @@ def run(options: RunOptions) -> RunResult:
     config = run_config(options, layout, settings)
     config["normalization"] = {"mean": model.mean.tolist(), "std": model.std.tolist()}
     speed = speed_options(options, device)
-    config["speed"] = speed.to_dict()
+    # the device type too: CPU and CUDA generators draw different noise for the same seed,
+    # so a run resumed on the other kind of device would not end with the same masks
+    config["speed"] = {**speed.to_dict(), "device": device.type}
     if options.batch_size == "auto":
         options = dataclasses.replace(
             options, batch_size=auto_batch_size(model, options.size, settings, speed, device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pandas as pd
@@ -88,6 +90,15 @@ def test_rerun_does_no_work_and_changed_settings_are_refused(class_folders, tmp_
     assert again.exit_code == 0 and "0 masks written" in again.output
     changed = CliRunner().invoke(main, [*base, "--iterations", "4"])
     assert changed.exit_code == 2 and "other settings" in changed.output
+
+    # a run begun on a GPU is not resumed on the CPU: its noise came from CUDA generators
+    with h5py.File(out / "masks.h5", "r+") as file:
+        config = json.loads(file.attrs["config"])
+        assert config["speed"]["device"] == "cpu"
+        config["speed"]["device"] = "cuda"
+        file.attrs["config"] = json.dumps(config)
+    moved = CliRunner().invoke(main, base)
+    assert moved.exit_code == 2 and "other settings (speed:" in moved.output
 
 
 def test_predicted_target_and_limit(class_folders, tmp_path) -> None:
