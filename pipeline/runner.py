@@ -424,6 +424,19 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
+def _speed_recorded_before(device: torch.device):
+    """Fill in the speed settings that mask files of mpbatch 0.1 before CUDA graphs did not
+    record (no CUDA graphs; the device type, which they did not check), so they resume."""
+
+    def fill(stored: dict) -> dict:
+        speed = stored.get("speed")
+        if not isinstance(speed, dict):
+            return stored
+        return {**stored, "speed": {"cuda_graphs": False, "device": device.type, **speed}}
+
+    return fill
+
+
 def output_names(shard: Shard) -> tuple[str, str, str]:
     """(masks, report, failures) file names of a shard: masks.h5 when unsharded."""
     if shard.world == 1:
@@ -481,6 +494,7 @@ def run(options: RunOptions) -> RunResult:
         versions(),
         compare_keys=RESULT_KEYS + ["shard"],
         overwrite=options.overwrite,
+        fill_stored=_speed_recorded_before(device),
     )
     if store.repaired:
         print(f"mpbatch: {store.repaired}", file=sys.stderr)

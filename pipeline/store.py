@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -84,10 +85,13 @@ class MaskStore:
         *,
         compare_keys: list[str] | None = None,
         overwrite: bool = False,
+        fill_stored: Callable[[dict], dict] | None = None,
     ) -> MaskStore:
         """Create `path`, or reopen it to resume when its config matches `config`.
 
         compare_keys: the config keys that must match to resume (all keys when None).
+        fill_stored: applied to the stored config before the comparison, to fill in settings
+        that files of older versions did not record (their values then were the defaults).
         Raises StoreError when the existing file was made with other settings, or is damaged
         with no journal to rebuild it from.
         """
@@ -120,7 +124,7 @@ class MaskStore:
             store = cls._create(path, _part_config(parts), versions)
         else:
             return cls._create(path, config, versions)
-        store._check_config(config, compare_keys)
+        store._check_config(config, compare_keys, fill_stored)
         store._replay_journal()
         return store
 
@@ -165,8 +169,10 @@ class MaskStore:
         store._mark_writing(True)
         return store
 
-    def _check_config(self, config: dict, compare_keys: list[str] | None) -> None:
+    def _check_config(self, config: dict, compare_keys: list[str] | None, fill_stored=None) -> None:
         stored = json.loads(self.file.attrs["config"])
+        if fill_stored is not None:
+            stored = fill_stored(stored)
         keys = compare_keys if compare_keys is not None else sorted(set(stored) | set(config))
         changed = [k for k in keys if stored.get(k) != config.get(k)]
         if changed:

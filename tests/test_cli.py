@@ -100,6 +100,14 @@ def test_rerun_does_no_work_and_changed_settings_are_refused(class_folders, tmp_
     moved = CliRunner().invoke(main, base)
     assert moved.exit_code == 2 and "other settings (speed:" in moved.output
 
+    # a file from before the device type and CUDA graphs were recorded still resumes
+    with h5py.File(out / "masks.h5", "r+") as file:
+        config = json.loads(file.attrs["config"])
+        del config["speed"]["device"], config["speed"]["cuda_graphs"]
+        file.attrs["config"] = json.dumps(config)
+    older = CliRunner().invoke(main, base)
+    assert older.exit_code == 0 and "0 masks written" in older.output
+
 
 def test_predicted_target_and_limit(class_folders, tmp_path) -> None:
     out = tmp_path / "out"
