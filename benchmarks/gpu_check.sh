@@ -4,8 +4,9 @@
 #   env             the device and versions
 #   bench_optimize  bench_optimize.py: lite0, resnet50, vgg19, batch 1..64, every variant
 #   run_vgg19       with SAMPLE: `mpbatch run` of 192 images, vgg19 (random weights: timing
-#                   only), batch 64, 8 loader workers, scored, with GPU utilisation sampled
-#                   by nvidia-smi every 200 ms (gpu_util.csv)
+#                   only), --batch-size auto (the run of 2026-11-26 used 64), 8 loader
+#                   workers, scored, with GPU utilisation sampled by nvidia-smi every
+#                   200 ms (gpu_util.csv)
 #   tests_cuda      the CUDA tests (they skip themselves without a GPU)
 #   bench_compile   torch.compile and compile + CUDA graphs for lite0 at batch 64
 #   fidelity        with SAMPLE: fidelity.py on 128 images, lite0 (pretrained), batch 64:
@@ -69,7 +70,7 @@ if [[ -n "$SAMPLE" ]]; then
     sampler=$!
     date +%s.%N >"$OUT/run_vgg19.start"
     step run_vgg19 80 "$PYTHON" cli.py run "$SAMPLE" -o "$OUT/run_vgg19" --model vgg19 \
-        --weights random --limit 192 --batch-size 64 --workers 8 --device cuda \
+        --weights random --limit 192 --batch-size auto --workers 8 --device cuda \
         --baselines none --quiet
     date +%s.%N >"$OUT/run_vgg19.stop"
     kill "$sampler" 2>/dev/null
