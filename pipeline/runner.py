@@ -555,7 +555,7 @@ def run(options: RunOptions) -> RunResult:
     if shard.world == 1 and options.evaluation is not None:
         write_summary(out / masks_name, out, skipped=skipped)
     elif shard.world > 1 and all_shards_complete(out, shard.world):
-        merge(out)
+        merge_once(out)
     return RunResult(
         out,
         processed,
@@ -1060,6 +1060,31 @@ def all_shards_complete(out: Path, world: int) -> bool:
         except OSError:
             return False
     return True
+
+
+MERGE_LOCK = ".merging"
+
+
+def merge_once(out: Path) -> Path | None:
+    """Merge the shards unless another shard's process is merging them already.
+
+    The last shards of a run can finish at the same moment, each see all shards complete,
+    and both write OUT/masks.h5; an exclusively created lock file lets one of them merge.
+    Returns the merged file, or None when the lock was taken.
+    """
+    lock = out / MERGE_LOCK
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        print(
+            f"{lock} exists: another shard is merging (if none is, run `mpbatch merge {out}`)",
+            file=sys.stderr,
+        )
+        return None
+    try:
+        return merge(out)
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def merge(out: str | Path) -> Path:

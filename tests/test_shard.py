@@ -11,27 +11,22 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from tiny_models import TINY
+from tiny_models import TINY_OPTIONS
 
+import pipeline.runner as runner
 from cli import main
 from pipeline.datasets import DatasetError, resolve_shard, shard_range
 from pipeline.store import read_columns
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [
-    "--model",
-    TINY,
-    "--size",
-    "32",
+    *TINY_OPTIONS,
     "--iterations",
     "3",
     "--mask-size",
     "8",
     "--batch-size",
     "2",
-    "--workers",
-    "0",
-    "--quiet",
     "--step",
     "128",
     "--baselines",
@@ -206,13 +201,7 @@ def test_torchrun_two_processes_equal_one_process(data, single, tmp_path) -> Non
 
 def test_extremal_shards_merged_equal_one_process(data, tmp_path) -> None:
     extremal = [
-        "--model",
-        TINY,
-        "--size",
-        "32",
-        "--workers",
-        "0",
-        "--quiet",
+        *TINY_OPTIONS,
         "--method",
         "extremal",
         "--iterations",
@@ -238,3 +227,15 @@ def test_extremal_shards_merged_equal_one_process(data, tmp_path) -> None:
     reference = read_columns(single / "masks.h5")[0]
     assert merged["masks"].shape == reference["masks"].shape == (5, 2, 56, 56)
     _assert_equal(merged, reference)
+
+
+def test_only_one_finishing_shard_merges(tmp_path, monkeypatch, capsys) -> None:
+    merged = []
+    monkeypatch.setattr(runner, "merge", lambda out: merged.append(out) or out / "masks.h5")
+    assert runner.merge_once(tmp_path) == tmp_path / "masks.h5"
+    assert merged == [tmp_path] and not (tmp_path / runner.MERGE_LOCK).exists()
+
+    (tmp_path / runner.MERGE_LOCK).touch()  # another process is merging
+    assert runner.merge_once(tmp_path) is None
+    assert merged == [tmp_path] and (tmp_path / runner.MERGE_LOCK).exists()
+    assert "another shard is merging" in capsys.readouterr().err
