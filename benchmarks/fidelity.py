@@ -70,18 +70,23 @@ def mask_agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]
     }
 
 
+def aligned_masks(reference: dict, other: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The masks of the images (matched by path) two mask files' columns share, in one order."""
+    position = {p: i for i, p in enumerate(reference["path"])}
+    shared = [i for i, p in enumerate(other["path"]) if p in position]
+    reference_rows = [position[other["path"][i]] for i in shared]
+    return reference["masks"][reference_rows], other["masks"][shared]
+
+
 def compare_files(paths: list[Path]) -> pd.DataFrame:
     """Mask agreement of each mask file with the first, over the images (by path) they share."""
     reference, _ = read_columns(paths[0])
-    position = {p: i for i, p in enumerate(reference["path"])}
     rows = []
     for path in paths[1:]:
-        columns, _ = read_columns(path)
-        shared = [i for i, p in enumerate(columns["path"]) if p in position]
-        ref_rows = [position[columns["path"][i]] for i in shared]
-        agreement = mask_agreement(reference["masks"][ref_rows], columns["masks"][shared])
+        mine, theirs = aligned_masks(reference, read_columns(path)[0])
+        agreement = mask_agreement(mine, theirs)
         rows.append(
-            {"reference": str(paths[0]), "other": str(path), "images": len(shared), **agreement}
+            {"reference": str(paths[0]), "other": str(path), "images": len(theirs), **agreement}
         )
     return pd.DataFrame(rows)
 
@@ -118,17 +123,14 @@ def run_variant(args: argparse.Namespace, name: str) -> Path:
 
 def compare(args: argparse.Namespace, outs: dict[str, Path]) -> pd.DataFrame:
     reference_name = args.variants[0]
-    columns, _ = read_columns(outs[reference_name] / "masks.h5")
-    order = np.argsort(columns["index"])
-    reference_masks = columns["masks"][order]
+    files = {name: read_columns(out / "masks.h5") for name, out in outs.items()}
     summaries = {
         n: pd.read_csv(o / "summary.csv").set_index("method").loc["method"] for n, o in outs.items()
     }
     ref = summaries[reference_name]
     rows = []
-    for name, out in outs.items():
-        cols, attrs = read_columns(out / "masks.h5")
-        masks = cols["masks"][np.argsort(cols["index"])]
+    for name, (columns, attrs) in files.items():
+        reference_masks, masks = aligned_masks(files[reference_name][0], columns)
         timings = attrs.get("timings", {})
         row = {"variant": name, "images": int(len(masks))}
         row.update(mask_agreement(reference_masks, masks))
@@ -175,6 +177,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.data is None and not args.compare:
         parser.error("give an image folder, or --compare A.h5 B.h5 ...")
+    missing = [path for path in args.compare or [] if not path.is_file()]
+    if missing:
+        parser.error(f"{missing[0]}: no such mask file")
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:

@@ -11,26 +11,20 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from tiny_models import TINY
+from tiny_models import TINY_OPTIONS
 
 from cli import main
 from pipeline.runner import _halve_on_oom
 from pipeline.store import read_columns
 
 ARGS = [
-    "--model",
-    TINY,
-    "--size",
-    "32",
+    *TINY_OPTIONS,
     "--iterations",
     "2",
     "--mask-size",
     "8",
     "--batch-size",
     "4",
-    "--workers",
-    "0",
-    "--quiet",
     "--step",
     "256",
     "--baselines",

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from tiny_models import TINY
+from tiny_models import TINY, TINY_OPTIONS
 
 from cli import main
 
@@ -155,13 +155,7 @@ def _evaluate_args(data) -> list[str]:
     return [
         "--data",
         str(data),
-        "--model",
-        TINY,
-        "--size",
-        "32",
-        "--workers",
-        "0",
-        "--quiet",
+        *TINY_OPTIONS,
         "--baselines",
         "none",
         *METRIC_ARGS,
@@ -260,13 +254,7 @@ def test_extremal_method_end_to_end(class_folders, tmp_path) -> None:
         str(class_folders),
         "-o",
         str(out),
-        "--model",
-        TINY,
-        "--size",
-        "32",
-        "--workers",
-        "0",
-        "--quiet",
+        *TINY_OPTIONS,
         "--method",
         "extremal",
         "--iterations",

@@ -18,26 +18,20 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from tiny_models import TINY
+from tiny_models import TINY_OPTIONS
 
 from pipeline.runner import EXIT_INTERRUPTED
 from pipeline.store import journal_dir, read_columns, read_failures
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [
-    "--model",
-    TINY,
-    "--size",
-    "32",
+    *TINY_OPTIONS,
     "--iterations",
     "4",
     "--mask-size",
     "8",
     "--batch-size",
     "3",
-    "--workers",
-    "0",
-    "--quiet",
     "--step",
     "128",
     "--baselines",

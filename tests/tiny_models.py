@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 TINY = "tiny_models:make_tiny_cnn"  # the --model value that loads TinyCNN
+# CLI options that load TinyCNN on 32-pixel images, decode in the test process, no progress bar
+TINY_OPTIONS = ["--model", TINY, "--size", "32", "--workers", "0", "--quiet"]
 
 
 class TinyCNN(nn.Module):
