@@ -86,9 +86,8 @@ def _evaluation_options(function):
         click.option(
             "--eval-batch-size",
             type=int,
-            default=128,
-            show_default=True,
-            help="Step images scored per forward pass.",
+            default=None,
+            help="Step images scored per forward pass (default: 128 on a GPU, 1 on CPU).",
         ),
         click.option(
             "--baselines",

@@ -102,3 +102,28 @@ def test_cuda_speed_options_follow_the_h100_measurements(monkeypatch) -> None:
     assert speed_options(cpu_bf16, torch.device("cpu")) == SpeedOptions("bf16", channels_last=True)
     fp32 = RunOptions(data=".", out=".", precision="fp32", cuda_graphs=True)
     assert speed_options(fp32, cuda) == SpeedOptions()  # graphs only ever with compile
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, runner.CPU_EVAL_BATCH_SIZE), (3, 3)])
+def test_scoring_batch_defaults_to_the_device(monkeypatch, given, expected) -> None:
+    asked = []
+
+    def fake_score(model, images, saliency, targets, boxes, sizes, **options):
+        asked.append(options["eval_batch_size"])
+        return {"deletion_auc": torch.zeros(len(images))}
+
+    monkeypatch.setattr(runner, "score_saliency", fake_score)
+    sample = runner.Sample(path="a.png", label=0)
+    evaluation = runner.EvalOptions(baselines=(), eval_batch_size=given)
+    images = torch.rand(1, 3, 32, 32)
+    runner.evaluate_batch(
+        _frozen_tiny(),
+        images,
+        torch.rand(1, 8, 8),
+        torch.tensor([0]),
+        [sample],
+        [(32, 32)],
+        evaluation,
+    )
+    assert asked == [expected]
+    assert runner.eval_batch_size_for(torch.device("cuda")) == runner.CUDA_EVAL_BATCH_SIZE
