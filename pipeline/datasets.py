@@ -18,9 +18,10 @@ import math
 import os
 import pkgutil
 import re
+import sys
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -58,13 +59,20 @@ class ImageDecodeError(Exception):
 
 @dataclass(frozen=True)
 class Box:
-    """A bounding box in pixels of the original image, with its class index (0..999)."""
+    """A bounding box in pixels of the original image, with its class index (0..999).
+
+    Coordinates are mpbatch's internal convention, the one `metrics.pointing_hits` expects:
+    0-based pixel indices, inclusive on both ends (pixel column x is inside when
+    xmin <= x <= xmax). Sources in another convention are converted when read (see
+    `parse_voc_xml`). `difficult` is PASCAL VOC's <difficult> flag (False elsewhere).
+    """
 
     class_index: int
     xmin: float
     ymin: float
     xmax: float
     ymax: float
+    difficult: bool = False
 
 
 @dataclass
@@ -172,6 +180,11 @@ def discover(
     Returns (samples sorted by path, layout name). Layout names: "class_folders" (root/<wnid>/),
     "loc_csv" (labels from LOC_val_solution.csv), "voc_xml" (labels from box XMLs only) or
     "unlabelled"; "+voc_xml" is appended when XML boxes were added to the first two.
+    The csv may cover more images than `root` holds (a subset of ImageNet val with the
+    official 50,000-row file): extra rows are ignored with one line on stderr, and images
+    without a row are unlabelled (label -1: the target is the top-1 prediction). Boxes are
+    0-based inclusive pixel indices whatever the source (VOC XMLs are 1-based and shifted);
+    all-difficult classes of an XML lose their boxes, as in TorchRay (`pointing_boxes`).
     Raises DatasetError for anything that would make labels or boxes wrong.
     """
     root = Path(root)
@@ -310,14 +323,27 @@ def _parse_boxes(tokens: list[str], where: str) -> tuple[Box, ...]:
     return tuple(boxes)
 
 
-def _make_box(class_index: int, coords: Sequence[str | None], where: str) -> Box:
+def _make_box(
+    class_index: int,
+    coords: Sequence[str | None],
+    where: str,
+    origin: int = 0,
+    difficult: bool = False,
+) -> Box:
+    """A Box from four coordinate strings whose first pixel is `origin` (0 or 1), converted
+    to mpbatch's 0-based convention."""
     try:
         xmin, ymin, xmax, ymax = (float(c) for c in coords)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise DatasetError(f"{where}: bad box coordinates {list(coords)}") from None
     if not all(math.isfinite(v) for v in (xmin, ymin, xmax, ymax)) or xmax < xmin or ymax < ymin:
         raise DatasetError(f"{where}: bad box coordinates {[xmin, ymin, xmax, ymax]}")
-    return Box(class_index, xmin, ymin, xmax, ymax)
+    if min(xmin, ymin) < origin:
+        raise DatasetError(
+            f"{where}: box {[xmin, ymin, xmax, ymax]} starts before pixel {origin}, the first "
+            f"pixel of this file's {origin}-based coordinates"
+        )
+    return Box(class_index, xmin - origin, ymin - origin, xmax - origin, ymax - origin, difficult)
 
 
 def _by_stem(samples: list[Sample]) -> dict[str, list[Sample]]:
@@ -330,8 +356,40 @@ def _by_stem(samples: list[Sample]) -> dict[str, list[Sample]]:
 
 
 def _apply_loc_csv(root: Path, csv_path: Path, samples: list[Sample]) -> None:
-    """Labels and boxes from a Kaggle LOC_val_solution.csv, matched by image file stem."""
+    """Labels and boxes from a Kaggle LOC_val_solution.csv, matched by image file stem.
+
+    The csv may describe more images than the folder holds (the official file has 50,000
+    rows; DATA may be a subset): rows without an image are checked like the others, then
+    ignored, and one line on stderr says how many. Images without a row keep what they had
+    (label -1, i.e. unlabelled, unless a class folder gave one). Boxes are used as written:
+    0-based pixel indices, mpbatch's convention (see `parse_voc_xml` for the evidence).
+    """
     table = _by_stem(samples)
+    rows = missing = 0
+    for where, image_id, boxes in _read_loc_csv(csv_path):
+        rows += 1
+        matches = table.get(image_id, [])
+        if not matches:
+            missing += 1
+            continue
+        if len(matches) > 1:
+            raise DatasetError(
+                f"{where}: image {image_id!r} matches several files: "
+                + ", ".join(s.path for s in matches[:3])
+            )
+        sample = matches[0]
+        if boxes:
+            _set_label(sample, boxes[0].class_index, where)
+        sample.boxes = boxes
+    if missing:
+        what = f"{missing:,} rows have no image" if missing > 1 else "1 row has no image"
+        if missing == rows:
+            what = f"none of its {rows:,} rows has an image" if rows > 1 else what
+        print(f"mpbatch: {csv_path}: {what} under {root}; ignored", file=sys.stderr)
+
+
+def _read_loc_csv(csv_path: Path) -> Iterator[tuple[str, str, tuple[Box, ...]]]:
+    """(where, image id, boxes) for each row; DatasetError naming the line if one is bad."""
     seen: set[str] = set()
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
@@ -346,25 +404,12 @@ def _apply_loc_csv(root: Path, csv_path: Path, samples: list[Sample]) -> None:
                 if len(row) < 2:
                     raise DatasetError(f"{where}: expected 'ImageId,PredictionString'")
                 image_id = row[0].strip()
+                if not image_id:
+                    raise DatasetError(f"{where}: empty ImageId")
                 if image_id in seen:
                     raise DatasetError(f"{where}: image {image_id!r} appears twice")
                 seen.add(image_id)
-                boxes = _parse_boxes(row[1].split(), where)
-                matches = table.get(image_id, [])
-                if not matches:
-                    raise DatasetError(
-                        f"{where}: image {image_id!r} not found under {root} "
-                        "(the csv must describe the images of this folder)"
-                    )
-                if len(matches) > 1:
-                    raise DatasetError(
-                        f"{where}: image {image_id!r} matches several files: "
-                        + ", ".join(s.path for s in matches[:3])
-                    )
-                sample = matches[0]
-                if boxes:
-                    _set_label(sample, boxes[0].class_index, where)
-                sample.boxes = boxes
+                yield where, image_id, _parse_boxes(row[1].split(), where)
     except OSError as exc:
         raise DatasetError(f"{csv_path}: cannot read ({_one_line(exc)})") from None
     except csv.Error as exc:
@@ -383,7 +428,7 @@ def _set_label(sample: Sample, label: int, where: str) -> None:
 def _apply_xml_boxes(xml_dir: Path, samples: list[Sample]) -> None:
     """Boxes, size and (if missing) label from one VOC/ILSVRC XML per image, matched by stem.
     XMLs are searched recursively (train annotations live in per-wnid folders); images
-    without an XML keep what they had."""
+    without an XML keep what they had. Difficult objects follow `pointing_boxes`."""
     xmls: dict[str, Path] = {}
     for dirpath, dirnames, filenames in os.walk(xml_dir, followlinks=True):
         dirnames.sort()
@@ -396,14 +441,51 @@ def _apply_xml_boxes(xml_dir: Path, samples: list[Sample]) -> None:
         if xml_path is None:
             continue
         boxes, width, height = parse_voc_xml(xml_path)
-        if boxes:
+        if boxes:  # the image's class, even when all its boxes are difficult
             _set_label(sample, boxes[0].class_index, str(xml_path))
-        sample.boxes = boxes
+        sample.boxes = pointing_boxes(boxes)
         sample.width, sample.height = width, height
 
 
+def pointing_boxes(boxes: Sequence[Box]) -> tuple[Box, ...]:
+    """The boxes the pointing game scores, by TorchRay's rule for PASCAL VOC difficult objects.
+
+    TorchRay's PointingGameBenchmark (torchray/benchmark/pointing_game.py lines 206-215,
+    "Skip if all boxes for class_id are PASCAL difficult") skips an (image, class) pair whose
+    objects of that class are ALL difficult; otherwise its mask (datasets.py voc_as_mask) is
+    the union of ALL boxes of the class, difficult ones included. This is independent of its
+    `difficult=` argument, which only selects the EBP "difficult" image subset. Here: the
+    boxes of a class whose boxes are all difficult are dropped (the image then has no box of
+    that class: pointing metrics are NaN, i.e. skipped); other boxes are kept, with their flag.
+    """
+    easy = {box.class_index for box in boxes if not box.difficult}
+    return tuple(box for box in boxes if box.class_index in easy)
+
+
+def xml_origin(root: ET.Element) -> int:
+    """First pixel (0 or 1) of the box coordinates of a parsed VOC/ILSVRC annotation.
+
+    PASCAL VOC (<source><database> naming VOC, e.g. "The VOC2007 Database"): 1-based, the
+    VOC devkit's MATLAB convention; TorchRay subtracts 1 when reading them
+    (torchray/benchmark/datasets.py, voc_as_mask: `int(bbox['xmin']) - 1`, lines 121-124).
+    ImageNet (<database>ILSVRC_2012</database>, Kaggle's ILSVRC/Annotations/CLS-LOC): 0-based,
+    as LOC_val_solution.csv which repeats their numbers; Microsoft's Deep Feature Flow reads
+    ILSVRC XMLs without subtracting 1 and clips xmax to width - 1 (lib/dataset/imagenet_vid.py
+    lines 157-160; line 239: "the imagenet expects 0-based indices"). The ILSVRC devkit only
+    compares boxes by IoU, which does not depend on the origin. Any other or no <database>:
+    0-based, as ImageNet (object names must be ImageNet wnids here).
+    """
+    database = (root.findtext("source/database") or "").upper()
+    return 1 if "VOC" in database else 0
+
+
 def parse_voc_xml(path: str | os.PathLike) -> tuple[tuple[Box, ...], int, int]:
-    """Read an ILSVRC/PASCAL VOC annotation: (boxes, width, height) in original pixels."""
+    """Read an ILSVRC/PASCAL VOC annotation: (boxes, width, height) in original pixels.
+
+    Boxes come back in mpbatch's 0-based convention: PASCAL VOC files (1-based) are shifted
+    by -1, ILSVRC files (0-based) are kept; see `xml_origin`. Every object is returned, with
+    its <difficult> flag; `pointing_boxes` applies TorchRay's rule for difficult objects.
+    """
     path = Path(path)
     try:
         tree = ET.parse(path)
@@ -414,27 +496,34 @@ def parse_voc_xml(path: str | os.PathLike) -> tuple[tuple[Box, ...], int, int]:
     node = tree.getroot()
     if node.tag != "annotation":
         raise DatasetError(f"{path}: malformed annotation (root element is <{node.tag}>)")
+    width = _xml_int(path, node.findtext("size/width"), "size/width", minimum=1)
+    height = _xml_int(path, node.findtext("size/height"), "size/height", minimum=1)
+    origin = xml_origin(node)
+    boxes = tuple(_xml_object(path, obj, origin) for obj in node.findall("object"))
+    return boxes, width, height
 
-    def integer(text: str | None, what: str) -> int:
-        try:
-            value = int(float((text or "").strip()))
-        except ValueError:
-            raise DatasetError(f"{path}: malformed annotation (bad {what} {text!r})") from None
-        if value < 1:
-            raise DatasetError(f"{path}: malformed annotation ({what} {value} < 1)")
-        return value
 
-    width = integer(node.findtext("size/width"), "size/width")
-    height = integer(node.findtext("size/height"), "size/height")
+def _xml_int(path: Path, text: str | None, what: str, minimum: int) -> int:
+    try:
+        value = int(float((text or "").strip()))
+    except ValueError:
+        raise DatasetError(f"{path}: malformed annotation (bad {what} {text!r})") from None
+    if value < minimum:
+        raise DatasetError(f"{path}: malformed annotation ({what} {value} < {minimum})")
+    return value
+
+
+def _xml_object(path: Path, obj: ET.Element, origin: int) -> Box:
+    wnid = (obj.findtext("name") or "").strip()
     index = _wnid_index()
-    boxes = []
-    for obj in node.findall("object"):
-        wnid = (obj.findtext("name") or "").strip()
-        if wnid not in index:
-            raise DatasetError(f"{path}: unknown wnid {wnid!r} in <object><name>")
-        coords = [obj.findtext(f"bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")]
-        boxes.append(_make_box(index[wnid], coords, f"{path}: malformed annotation"))
-    return tuple(boxes), width, height
+    if wnid not in index:
+        raise DatasetError(f"{path}: unknown wnid {wnid!r} in <object><name>")
+    flag = (obj.findtext("difficult") or "").strip() or "0"  # absent: not difficult
+    if flag not in ("0", "1"):
+        raise DatasetError(f"{path}: malformed annotation (bad <difficult> {flag!r})")
+    coords = [obj.findtext(f"bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")]
+    where = f"{path}: malformed annotation"
+    return _make_box(index[wnid], coords, where, origin, difficult=flag == "1")
 
 
 # --------------------------------------------------------------------------- decoding

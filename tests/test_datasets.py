@@ -24,6 +24,8 @@ from pipeline.datasets import (
     discover,
     imagenet_class_names,
     imagenet_wnids,
+    parse_voc_xml,
+    pointing_boxes,
     read_synset_mapping,
     shard_range,
 )
@@ -43,15 +45,21 @@ def write_csv(path: Path, rows: dict[str, str]) -> Path:
     return path
 
 
-def write_xml(path: Path, width: int, height: int, objects: list[tuple]) -> Path:
+def write_xml(
+    path: Path, width: int, height: int, objects: list[tuple], database: str | None = None
+) -> Path:
+    """Objects are (wnid, xmin, ymin, xmax, ymax) or (..., difficult) with difficult "0"/"1"."""
     objs = "".join(
-        f"<object><name>{w}</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin>"
-        f"<xmax>{c}</xmax><ymax>{d}</ymax></bndbox></object>"
-        for w, a, b, c, d in objects
+        f"<object><name>{w}</name>"
+        + (f"<difficult>{rest[0]}</difficult>" if rest else "")
+        + f"<bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax><ymax>{d}</ymax></bndbox>"
+        "</object>"
+        for w, a, b, c, d, *rest in objects
     )
+    source = f"<source><database>{database}</database></source>" if database else ""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
-        f"<annotation><filename>{path.stem}</filename><size><width>{width}</width>"
+        f"<annotation><filename>{path.stem}</filename>{source}<size><width>{width}</width>"
         f"<height>{height}</height><depth>3</depth></size>{objs}</annotation>"
     )
     return path
@@ -182,13 +190,64 @@ def test_loc_csv_unknown_wnid_names_file_and_wnid(tmp_path: Path) -> None:
         discover(tmp_path)
 
 
-def test_loc_csv_missing_image_names_file_and_id(tmp_path: Path) -> None:
+def test_loc_csv_subset_folder_with_full_csv(tmp_path: Path, capsys) -> None:
+    # A few images of ImageNet val with the official csv: rows without an image are ignored,
+    # with one line on stderr that counts them.
+    present = {3: TENCH, 17: GOLDFISH}
+    for k in present:
+        make_image(tmp_path / "val" / f"ILSVRC2012_val_{k:08d}.JPEG")
+    rows = {
+        f"ILSVRC2012_val_{k:08d}": f"{present.get(k, TOILET_TISSUE)} 0 1 5 4"
+        for k in range(1, 2001)
+    }
+    write_csv(tmp_path / "LOC_val_solution.csv", rows)
+    samples, layout = discover(tmp_path)
+    assert layout == "loc_csv"
+    assert [(s.path, s.label, s.boxes) for s in samples] == [
+        ("val/ILSVRC2012_val_00000003.JPEG", 0, (Box(0, 0, 1, 5, 4),)),
+        ("val/ILSVRC2012_val_00000017.JPEG", 1, (Box(1, 0, 1, 5, 4),)),
+    ]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "LOC_val_solution.csv: 1,998 rows have no image under" in err
+    assert err.startswith("mpbatch: ") and err.rstrip().endswith("; ignored")
+
+
+def test_loc_csv_image_without_row_is_unlabelled(tmp_path: Path, capsys) -> None:
+    make_image(tmp_path / "img1.JPEG")
+    make_image(tmp_path / "no_row.JPEG")
+    write_csv(tmp_path / "LOC_val_solution.csv", {"img1": f"{GOLDFISH} 0 0 2 2"})
+    samples, layout = discover(tmp_path)
+    assert layout == "loc_csv"
+    by_path = {s.path: s for s in samples}
+    assert by_path["img1.JPEG"].label == 1
+    unlabelled = by_path["no_row.JPEG"]
+    assert (unlabelled.label, unlabelled.boxes) == (-1, ())  # -1: target = top-1 prediction
+    assert capsys.readouterr().err == ""  # every row has its image: nothing to report
+
+
+def test_loc_csv_without_any_matching_image(tmp_path: Path, capsys) -> None:
+    make_image(tmp_path / "photo.png")
+    write_csv(tmp_path / "LOC_val_solution.csv", {"a": f"{TENCH} 0 0 2 2", "b": ""})
+    samples, _ = discover(tmp_path)
+    assert [(s.path, s.label) for s in samples] == [("photo.png", -1)]
+    csv_path = tmp_path / "LOC_val_solution.csv"
+    assert capsys.readouterr().err == (
+        f"mpbatch: {csv_path}: none of its 2 rows has an image under {tmp_path}; ignored\n"
+    )
+
+
+def test_loc_csv_malformed_row_is_refused_even_without_its_image(tmp_path: Path) -> None:
     make_image(tmp_path / "img1.JPEG")
     write_csv(
         tmp_path / "LOC_val_solution.csv",
-        {"img1": f"{TENCH} 0 0 2 2", "ILSVRC2012_val_00049999": f"{TENCH} 0 0 2 2"},
+        {"img1": f"{TENCH} 0 0 2 2", "ILSVRC2012_val_00049999": f"{TENCH} 0 0 two 2"},
     )
-    with pytest.raises(DatasetError, match=r"LOC_val_solution\.csv.*ILSVRC2012_val_00049999"):
+    with pytest.raises(DatasetError, match=r"LOC_val_solution\.csv line 3: bad box") as info:
+        discover(tmp_path)
+    assert "\n" not in str(info.value)
+    write_csv(tmp_path / "LOC_val_solution.csv", {"img1": f"{TENCH} 0 0 2 2", "gone": "n1 0 0"})
+    with pytest.raises(DatasetError, match=r"line 3: box list has 3 fields"):
         discover(tmp_path)
 
 
@@ -246,6 +305,68 @@ def test_xml_boxes_with_class_folders(tmp_path: Path) -> None:
     assert samples[0].label == 0 and samples[0].boxes == (Box(0, 1, 1, 4, 4),)
     write_xml(tmp_path / "xml" / TENCH / "a.xml", 8, 6, [(GOLDFISH, 1, 1, 4, 4)])
     with pytest.raises(DatasetError, match="disagrees"):
+        discover(tmp_path / "data", boxes_dir=tmp_path / "xml")
+
+
+def test_xml_voc_boxes_are_1_based_and_converted(tmp_path: Path) -> None:
+    # PASCAL VOC: xmin=1 is the first pixel (TorchRay subtracts 1); ILSVRC: already 0-based.
+    make_image(tmp_path / "data" / "voc.jpg")
+    make_image(tmp_path / "data" / "ilsvrc.JPEG")
+    xmls = tmp_path / "xml"
+    write_xml(xmls / "voc.xml", 8, 6, [(TENCH, 1, 1, 8, 6)], database="The VOC2007 Database")
+    write_xml(xmls / "ilsvrc.xml", 8, 6, [(TENCH, 0, 0, 7, 5)], database="ILSVRC_2012")
+    samples, _ = discover(tmp_path / "data", boxes_dir=xmls)
+    whole_image = (Box(0, 0, 0, 7, 5),)  # 0-based inclusive: every pixel of an 8×6 image
+    assert {s.path: s.boxes for s in samples} == {
+        "ilsvrc.JPEG": whole_image,
+        "voc.jpg": whole_image,
+    }
+    # The converted box holds exactly TorchRay's mask pixels: mask[ymin-1:ymax, xmin-1:xmax].
+    write_xml(xmls / "voc.xml", 8, 6, [(TENCH, 3, 2, 5, 4)], database="The VOC2012 Database")
+    boxes, _, _ = parse_voc_xml(xmls / "voc.xml")
+    torchray = np.zeros((6, 8), dtype=bool)
+    torchray[2 - 1 : 4, 3 - 1 : 5] = True  # voc_as_mask: mask[ymin:ymax + 1, xmin:xmax + 1]
+    box = boxes[0]
+    y, x = np.mgrid[0:6, 0:8]
+    inside = (box.xmin <= x) & (x <= box.xmax) & (box.ymin <= y) & (y <= box.ymax)
+    assert boxes == (Box(0, 2, 1, 4, 3),) and np.array_equal(inside, torchray)
+
+
+def test_xml_voc_box_at_pixel_0_is_refused(tmp_path: Path) -> None:
+    make_image(tmp_path / "data" / "img.jpg")
+    write_xml(tmp_path / "xml" / "img.xml", 8, 6, [(TENCH, 0, 1, 4, 4)], database="PASCAL VOC")
+    with pytest.raises(DatasetError, match=r"img\.xml: .*1-based") as info:
+        discover(tmp_path / "data", boxes_dir=tmp_path / "xml")
+    assert "\n" not in str(info.value)
+
+
+def test_xml_difficult_objects_follow_torchray(tmp_path: Path) -> None:
+    # TorchRay's pointing game skips a class whose boxes are all difficult and otherwise
+    # scores against all boxes of the class, difficult ones included.
+    make_image(tmp_path / "data" / "mixed.jpg")
+    make_image(tmp_path / "data" / "only_difficult.jpg")
+    xmls, voc = tmp_path / "xml", "The VOC2007 Database"
+    objects = [
+        (TENCH, 1, 1, 4, 4, "0"),
+        (TENCH, 5, 5, 8, 6, "1"),  # kept: the class also has an easy box
+        (GOLDFISH, 2, 2, 3, 3, "1"),  # dropped: all goldfish boxes are difficult
+    ]
+    write_xml(xmls / "mixed.xml", 8, 6, objects, database=voc)
+    write_xml(xmls / "only_difficult.xml", 8, 6, [(GOLDFISH, 2, 2, 3, 3, "1")], database=voc)
+    samples, _ = discover(tmp_path / "data", boxes_dir=xmls)
+    mixed, only = samples
+    assert mixed.label == 0
+    assert mixed.boxes == (Box(0, 0, 0, 3, 3), Box(0, 4, 4, 7, 5, difficult=True))
+    assert (only.label, only.boxes) == (1, ())  # labelled, but no box: pointing is skipped
+    boxes, _, _ = parse_voc_xml(xmls / "mixed.xml")  # the parser itself keeps every object
+    assert [b.difficult for b in boxes] == [False, True, True]
+    assert pointing_boxes(boxes) == boxes[:2] and pointing_boxes(()) == ()
+
+
+def test_xml_bad_difficult_flag_names_the_file(tmp_path: Path) -> None:
+    make_image(tmp_path / "data" / "img.jpg")
+    write_xml(tmp_path / "xml" / "img.xml", 8, 6, [(TENCH, 1, 1, 4, 4, "yes")])
+    with pytest.raises(DatasetError, match=r"img\.xml: malformed annotation \(bad <difficult>"):
         discover(tmp_path / "data", boxes_dir=tmp_path / "xml")
 
 
