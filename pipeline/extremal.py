@@ -1,4 +1,5 @@
-"""Batched extremal perturbations (Fong, Patrick & Vedaldi, ICCV 2019, arXiv 1910.08485).
+"""Batched extremal perturbations (Fong, Patrick & Vedaldi, ICCV 2019, arXiv 1910.08485),
+computing what TorchRay's ``torchray.attribution.extremal_perturbation`` computes.
 
 For an image x (pixels in [0, 1]), a classifier f, a target class c and an area a ∈ (0, 1), an
 extremal perturbation is a smooth mask m (values in [0, 1], high = salient) of area a that
@@ -9,20 +10,22 @@ maximises a reward:
     dual:      Φ(f(x ⊙ m)) − Φ(f(x ⊙ (1 − m)))  both
 
 where x ⊙ m is the mask-dependent blur of perturbations.apply_blur_pyramid (m = 1 the pixel as
-it is, m = 0 the strongest blur) and Φ is the target's logit ("simple") or the target's logit
-minus the best other logit ("contrastive"). The area is imposed with a ranking penalty: the
-sorted mask values are pulled towards a vector of (1 − a)·HW zeros followed by a·HW ones,
+it is, m = 0 the strongest blur; the pyramid blurs the normalised image with zero padding, as
+TorchRay does) and Φ is the target's logit ("simple") or the target's logit minus the best
+other logit ("contrastive"). The area is imposed with a ranking penalty on the mask m̄ of an
+extended canvas (the image plus a margin of σ pixels all round, E×E' pixels): the sorted
+values of m̄ are pulled towards a vector of ⌊(1 − a)·EE'⌋ zeros followed by ones,
 
-    loss(m) = −reward(m) + λ_t · mean((sort(m) − r_a)²),   λ_t = λ_0 · g^t,
+    loss(m) = −reward(m) + λ_t · mean((sort(m̄) − r_a)²),   λ_t = λ_0 · g^t,
 
-with a weight that grows geometrically over the iterations t (λ_0 = 300, g = 1.0035: the
-published code's schedule, ×16 over 800 iterations).
+with a weight that grows geometrically over the iterations t (λ_0 = 300, g = 1.0035: ×16
+over 800 iterations). m is the image's H×W window of m̄.
 
-The mask is a smooth-max combination of parameters p_i ∈ [0, 1] on a coarse grid (stride
-`step` pixels): m(u) = smax_i k(|u − u_i|) p_i over the grid points u_i near pixel u, with the
-published kernel k(d) = exp(−2 · max(d/σ − 1/2, 0)²) (flat within σ/2, then Gaussian) and
-smax_T(v) = Σ v softmax(v / T), T = `smooth` (T = 0: a plain max). Masks can only be unions of
-σ-sized blobs, which is what keeps them smooth.
+m̄ is a smooth-max combination of parameters p_i ∈ [0, 1] on a coarse grid (stride `step`):
+m̄(u) = smax_i k(|u − u_i|) p_i over the (2R + 1)² grid points u_i near pixel u, with the
+kernel k(d) = exp(−2 · max(d/σ − 1/2, 0)²) (flat within σ/2, then Gaussian) and
+smax_T(v) = Σ v softmax(v / T), T = `temperature` (TorchRay's coldness 20 = 1/T; T = 0: a
+plain max), clamped to [0, 1]. Masks can only be unions of σ-sized blobs.
 
 Batching: all B images × A areas are B·A masks in one parameter tensor with one optimiser
 (SGD with momentum, elementwise). The total loss is the sum of per-mask losses and nothing
@@ -30,19 +33,22 @@ couples masks, so image b's masks are the same whether it is optimised alone or 
 64. The published jitter (a horizontal flip on even iterations) is deterministic; nothing
 here draws random numbers, and the per-image seeds are checked and kept for interface parity
 with optimize.py.
+
+Where this differs from TorchRay on purpose: the contrastive reward masks the target with −∞
+where TorchRay writes −100 (the same unless every other logit is below −100).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .perturbations import apply_blur_pyramid, blur_pyramid, gaussian_blur
+from .perturbations import apply_blur_pyramid, blur_pyramid, smooth_zero_padded
 
 VARIANTS = ("preserve", "delete", "dual")
 REWARDS = ("simple", "contrastive")
@@ -50,36 +56,40 @@ REWARDS = ("simple", "contrastive")
 
 @dataclass(frozen=True)
 class ExtremalSettings:
-    """Every hyperparameter of extremal perturbations; defaults follow TorchRay's published code.
+    """Every hyperparameter of extremal perturbations; defaults are TorchRay's published code
+    and the areas of its VOC pointing benchmark (examples/attribution_benchmark.py).
 
-    areas:          target mask areas, fractions of the image (TorchRay's VOC benchmark:
-                    0.025, 0.05, 0.1, 0.2).
+    areas:          target mask areas, fractions of the image (VOC benchmark: 0.025, 0.05,
+                    0.1, 0.2; COCO: 0.018, 0.025, 0.05, 0.1).
     iterations, lr, momentum, dampening: SGD (TorchRay: 800, 0.01, 0.9 and dampening 0.9, so
                     a step is lr × the running mean of the gradients).
     variant:        "preserve" | "delete" | "dual".
     reward:         "simple" (target logit) | "contrastive" (target logit − best other logit).
-    smooth:         temperature of the smooth max over grid points (TorchRay's coldness 20 =
-                    0.05); 0 gives a plain max.
+    temperature:    of the smooth max over grid points (TorchRay's coldness 20 = 1/0.05); 0
+                    gives a plain max.
     step:           stride of the parameter grid in pixels (7 → 32×32 parameters at 224²).
     sigma:          kernel size σ in pixels (TorchRay: 21 = 3·step).
+    margin:         the extended canvas's margin in pixels (None: σ, as TorchRay).
     max_blur_sigma, pyramid_levels: the blur pyramid (σ_max 20, 8 levels).
     area_weight, area_weight_growth: λ_0 and its per-iteration factor g (300, 1.0035).
     jitter:         flip the perturbed images horizontally on even iterations (TorchRay).
-    mask_size:      side of the returned masks (area-averaged from image resolution); 56 at
-                    224² input = 4×4 pixel cells; 0 keeps the image resolution.
+    mask_size:      side of the stored masks (area-averaged from image resolution); 56 at
+                    224² input = 4×4 pixel cells; 0 keeps the image resolution. The metrics
+                    score the full-resolution masks rebuilt from the stored parameters.
     seed:           run seed (image seeds come from seeding.image_seed(seed, key)).
     """
 
-    areas: tuple[float, ...] = (0.05, 0.1, 0.2)
+    areas: tuple[float, ...] = (0.025, 0.05, 0.1, 0.2)
     iterations: int = 800
     lr: float = 0.01
     momentum: float = 0.9
     dampening: float = 0.9
     variant: str = "preserve"
     reward: str = "simple"
-    smooth: float = 0.05
+    temperature: float = 0.05
     step: int = 7
     sigma: float = 21.0
+    margin: float | None = None
     max_blur_sigma: float = 20.0
     pyramid_levels: int = 8
     area_weight: float = 300.0
@@ -95,8 +105,10 @@ class ExtremalSettings:
             raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
         if not self.areas or not all(0.0 < a < 1.0 for a in self.areas):
             raise ValueError(f"areas must be fractions in (0, 1), got {self.areas}")
-        if self.step < 1 or self.sigma <= 0 or self.smooth < 0:
-            raise ValueError("step must be ≥ 1, sigma > 0 and smooth ≥ 0")
+        if self.step < 1 or self.sigma <= 0 or self.temperature < 0:
+            raise ValueError("step must be ≥ 1, sigma > 0 and temperature ≥ 0")
+        if self.margin is not None and self.margin < 0:
+            raise ValueError(f"margin must be ≥ 0, got {self.margin}")
 
     def replace(self, **changes) -> ExtremalSettings:
         """A copy with some fields changed; None values are ignored (unset CLI options)."""
@@ -109,6 +121,15 @@ class ExtremalSettings:
         return dataclasses.asdict(self)
 
 
+# TorchRay's pointing benchmark (examples/attribution_benchmark.py): 800 iterations, step 7,
+# σ 21, 8 levels, jitter, simple reward, preserve; the areas differ by dataset. Scoring sums
+# the masks over the areas and smooths them with σ = 0.09·min(H, W) (EvalOptions.smooth).
+EXTREMAL_PRESETS: dict[str, ExtremalSettings] = {
+    "torchray-voc": ExtremalSettings(areas=(0.025, 0.05, 0.1, 0.2)),
+    "torchray-coco": ExtremalSettings(areas=(0.018, 0.025, 0.05, 0.1)),
+}
+
+
 @dataclass
 class ExtremalResult:
     """Output of extremal_masks for B images and A areas.
@@ -116,9 +137,10 @@ class ExtremalResult:
     masks:    B×A×s×s float32 in [0, 1] (s = settings.mask_size, area-averaged; image size if 0);
               high = salient (kept by preserve, blurred by delete). At s = 56 and 3 areas:
               3·56·56·4 = 37,632 bytes per image (1.9 GB for 50,000 images; half in float16).
-    params:   B×A×h×w float32 in [0, 1], the grid parameters (h = ⌈H/step⌉; 12,288 bytes per
-              image at 224², 3 areas); render_masks(params, (H, W), settings) rebuilds the
-              full-resolution masks exactly.
+    params:   B×A×h×w float32 in [0, 1], the grid parameters that made `full_masks`
+              (h = ⌈H/step⌉; 16,384 bytes per image at 224², 4 areas);
+              render_masks(params, (H, W), settings) rebuilds `full_masks`.
+    full_masks: B×A×H×W float32 in [0, 1], the masks as applied to the image.
     rewards:  B×A, the final objective (higher is better for every variant).
     preserved: B×A, the reward function Φ on the image blurred outside the mask.
     deleted:  B×A, Φ on the image blurred inside the mask.
@@ -127,6 +149,7 @@ class ExtremalResult:
 
     masks: torch.Tensor
     params: torch.Tensor
+    full_masks: torch.Tensor
     rewards: torch.Tensor
     preserved: torch.Tensor
     deleted: torch.Tensor
@@ -141,73 +164,111 @@ def grid_shape(size: tuple[int, int], step: int) -> tuple[int, int]:
 
 def mask_kernel(distance: torch.Tensor, sigma: float) -> torch.Tensor:
     """The published smooth-mask kernel: 1 within σ/2, then exp(−2 (d/σ − 1/2)²)."""
-    return torch.exp(-2.0 * (distance / sigma - 0.5).clamp(min=0.0) ** 2)
+    return torch.exp(-2 * ((distance / sigma - 0.5).clamp(min=0) ** 2))
 
 
-def _axis_neighbours(length: int, cells: int, step: int, radius: int, device) -> tuple:
-    """For each pixel along one axis: indices of the 2·radius + 1 nearest grid points in the
-    zero-padded grid (length × K1, long) and the signed pixel distances to them (float).
+def _axis_taps(cells: int, step: int, sigma: float, margin: float) -> tuple[int, tuple]:
+    """The geometry of one axis of the extended mask (TorchRay's MaskGenerator).
 
-    Grid point i sits at offset + step·i, the grid centred on the image."""
-    offset = (length - 1 - step * (cells - 1)) / 2.0
-    pixels = torch.arange(length, dtype=torch.float64, device=device)
-    nearest = torch.round((pixels - offset) / step).clamp(0, cells - 1)
-    shifts = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
-    grid = nearest[:, None] + shifts[None, :]
-    distance = pixels[:, None] - (offset + step * grid)
-    return (grid + radius).long(), distance
+    Returns the extended length E and, for each extended pixel u < E, the indices of its
+    2R + 1 taps into the grid zero-padded by `pad` cells (E × K, long) and the signed pixel
+    distances to the taps' centres (E × K, float32). Tap k of pixel u is grid point
+    i = ⌊u/step⌋ + k − pad, centred at pixel margin + step·i of the extended mask, i.e. at
+    step·i of the image; ⌊u/step⌋ is computed as floor(u · (M / (step·M))) in float32, the
+    nearest-neighbour index that TorchRay's upsampling uses.
+    """
+    pad = 1 + math.ceil((margin + sigma) / step)
+    radius = 1 + math.ceil(sigma / step)
+    middle = cells + 2 * pad - 2 * radius
+    extended = step * middle - step + 1
+    inverse_step = torch.tensor(middle, dtype=torch.float32) / torch.tensor(
+        step * middle, dtype=torch.float32
+    )
+    pixels = torch.arange(extended, dtype=torch.float32)
+    cell = torch.floor(inverse_step * pixels)
+    taps = torch.arange(2 * radius + 1, dtype=torch.float32)
+    padded_index = cell[:, None] + taps[None, :]  # index into the padded grid
+    distance = pixels[:, None] - (margin + step * (padded_index - pad))
+    return extended, (padded_index.long(), distance, pad)
 
 
 class MaskGenerator:
-    """Turns grid parameters N×h×w into smooth masks N×H×W (see the module docstring).
+    """Turns grid parameters N×h×w into smooth masks (see the module docstring).
 
-    Each pixel combines its (2R + 1)² nearest grid points, R = ⌈1.5σ/step − 1/2⌉, so every
-    grid point left out is at least 1.5σ away (kernel ≤ e⁻² ≈ 0.14). Grid points outside the
-    image count as 0. Memory: N·H·W·(2R + 1)² floats per intermediate (81 per pixel at step 7,
-    σ 21: 16 MB per mask at 224²); autograd keeps two of them per mask (about 32 MB), so
-    B = 64 images × 3 areas hold about 6 GB for the masks besides the model's activations.
+    As TorchRay's MaskGenerator, the mask is built on an extended canvas with a margin of
+    `margin` pixels (σ by default) around the image: E = step·(h + 2·pad − 2R) − step + 1
+    pixels per side (260 at 224², step 7, σ 21), pad = 1 + ⌈(margin + σ)/step⌉,
+    R = 1 + ⌈σ/step⌉. Pixel u combines the (2R + 1)² grid points i = ⌊u/step⌋ + k − pad;
+    grid points outside the parameter grid count as 0. The call returns the extended mask,
+    clamped to [0, 1]; `crop` cuts the image's H×W window out of it. The area loss sorts the
+    whole extended mask.
+
+    Memory: N·E²·(2R + 1)² floats per intermediate (81 taps at step 7, σ 21: 22 MB per mask
+    at 224²); autograd keeps about three of them per mask.
     """
 
-    def __init__(self, size: tuple[int, int], step: int, sigma: float, smooth: float, device):
+    def __init__(
+        self,
+        size: tuple[int, int],
+        step: int,
+        sigma: float,
+        temperature: float,
+        device,
+        margin: float | None = None,
+    ):
+        margin = sigma if margin is None else margin
         self.size = size
         self.grid = grid_shape(size, step)
-        self.smooth = smooth
-        self.radius = max(1, math.ceil(1.5 * sigma / step - 0.5))
-        rows, dy = _axis_neighbours(size[0], self.grid[0], step, self.radius, device)
-        cols, dx = _axis_neighbours(size[1], self.grid[1], step, self.radius, device)
-        self.rows = rows.flatten()  # H·Ky, y-major
-        self.cols = cols.flatten()  # W·Kx, x-major
+        self.temperature = temperature
+        self.offset = round(margin)
+        height, (rows, dy, self.pad) = _axis_taps(self.grid[0], step, sigma, margin)
+        width, (cols, dx, _) = _axis_taps(self.grid[1], step, sigma, margin)
+        self.extended = (height, width)
         self.taps = rows.shape[1]
-        distance = torch.sqrt(dy[:, :, None, None] ** 2 + dx[None, None, :, :] ** 2)
-        weight = mask_kernel(distance, sigma).to(torch.float32)  # H×Ky×W×Kx
-        # with a smooth max, fold its 1/T into the weights (one pass less per call)
-        self.weight = weight / smooth if smooth > 0 else weight
+        # tap-major index lists: row index of (ky, y) at ky·E + y, column index of (kx, x)
+        self.rows = rows.t().flatten().to(device)
+        self.cols = cols.t().flatten().to(device)
+        distance = torch.sqrt(dy.t()[:, None, :, None] ** 2 + dx.t()[None, :, None, :] ** 2)
+        kernel = mask_kernel(distance, sigma)  # K×K×E×E'
+        self.weight = kernel.reshape(self.taps**2, height, width).to(device)
 
     def __call__(self, params: torch.Tensor) -> torch.Tensor:
-        """params N×h×w in [0, 1] -> masks N×H×W in [0, 1]."""
+        """params N×h×w in [0, 1] -> extended masks N×E×E' in [0, 1]."""
         count = params.shape[0]
-        height, width = self.size
-        padded = F.pad(params, (self.radius,) * 4)
-        # two separable gathers: values[n, y, ky, x, kx] = padded[n, rows[y, ky], cols[x, kx]]
+        height, width = self.extended
+        taps = self.taps
+        padded = F.pad(params, (self.pad,) * 4)
+        # values[n, ky·K + kx, y, x] = padded[n, rows[y, ky], cols[x, kx]], laid out as
+        # TorchRay's unfolded tensor so the softmax and the sum round as there (bitwise equal
+        # masks keep the area loss's sort order, and so its gradient, equal)
         values = padded.index_select(1, self.rows).index_select(2, self.cols)
-        values = values.view(count, height, self.taps, width, self.taps) * self.weight
-        taps = (2, 4)
-        if self.smooth <= 0:
-            return values.amax(dim=taps)
-        # values are k·p/T here: smax_T = T · Σ v e^v / Σ e^v, shifted by the (constant) max
-        odds = torch.exp(values - values.amax(dim=taps, keepdim=True).detach())
-        return self.smooth * (values * odds).sum(dim=taps) / odds.sum(dim=taps)
+        values = values.view(count, taps, height, taps, width).transpose(2, 3)
+        values = values.reshape(count, taps * taps, height, width) * self.weight
+        if self.temperature <= 0:
+            masks = values.amax(dim=1)
+        else:
+            # smooth max Σ v·softmax(v/T) over the taps (TorchRay: coldness 1/T = 20)
+            masks = (values * F.softmax((1.0 / self.temperature) * values, dim=1)).sum(dim=1)
+        return masks.clamp(0, 1)
+
+    def crop(self, extended: torch.Tensor) -> torch.Tensor:
+        """The image's window N×H×W of extended masks N×E×E'."""
+        top = self.offset
+        return extended[..., top : top + self.size[0], top : top + self.size[1]]
 
 
 def render_masks(
     params: torch.Tensor, size: tuple[int, int], settings: ExtremalSettings
 ) -> torch.Tensor:
-    """Full-resolution masks from stored grid parameters: (...)×h×w -> (...)×H×W in [0, 1]."""
+    """The masks as applied to the image, from stored grid parameters: (...)×h×w -> (...)×H×W
+    in [0, 1], 1 = salient."""
     lead = params.shape[:-2]
-    generator = MaskGenerator(size, settings.step, settings.sigma, settings.smooth, params.device)
+    generator = MaskGenerator(
+        size, settings.step, settings.sigma, settings.temperature, params.device, settings.margin
+    )
     with torch.no_grad():
-        masks = generator(params.reshape(-1, *params.shape[-2:]).float())
-    return masks.clamp(0.0, 1.0).reshape(*lead, *size)
+        masks = generator.crop(generator(params.reshape(-1, *params.shape[-2:]).float()))
+    return masks.reshape(*lead, *size)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -226,16 +287,18 @@ def reward_scores(logits: torch.Tensor, targets: torch.Tensor, reward: str) -> t
     raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
 
 
-def area_references(areas: torch.Tensor, pixels: int) -> torch.Tensor:
-    """Sorted target vectors: N×pixels, row n = (1 − a_n)·P zeros then round(a_n·P) ones."""
-    ones = torch.round(areas * pixels).long()
-    ranks = torch.arange(pixels, device=areas.device)
-    return (ranks[None, :] >= pixels - ones[:, None]).float()
+def area_references(areas: Sequence[float], pixels: int, device=None) -> torch.Tensor:
+    """Sorted target vectors: A×pixels, row i = ⌊(1 − a_i)·P⌋ zeros then ones (TorchRay
+    truncates the count of zeros the same way)."""
+    references = torch.ones(len(areas), pixels, device=device)
+    for row, area in enumerate(areas):
+        references[row, : int(pixels * (1 - area))] = 0
+    return references
 
 
 def area_loss(masks: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """The ranking penalty mean((sort(m) − r)²) per mask: masks N×H×W, references N×HW -> N."""
-    ordered = masks.flatten(1).sort(dim=1, stable=True).values
+    """The ranking penalty mean((sort(m) − r)²) per mask: masks N×E×E', references N×EE' -> N."""
+    ordered = masks.flatten(1).sort(dim=1).values
     return (ordered - references).pow(2).mean(dim=1)
 
 
@@ -253,13 +316,13 @@ def _check_inputs(images: torch.Tensor, targets: torch.Tensor, seeds: list[int])
 def _perturbed(pyramid, masks, image_index, variant: str) -> torch.Tensor:
     """The images the model sees: N (preserve, delete) or 2N (dual: preserved then deleted)."""
     if variant == "preserve":
-        return apply_blur_pyramid(pyramid, masks, image_index)
+        return apply_blur_pyramid(pyramid, masks, image_index, torchray_ends=True)
     if variant == "delete":
-        return apply_blur_pyramid(pyramid, 1.0 - masks, image_index)
+        return apply_blur_pyramid(pyramid, 1.0 - masks, image_index, torchray_ends=True)
     return torch.cat(
         [
-            apply_blur_pyramid(pyramid, masks, image_index),
-            apply_blur_pyramid(pyramid, 1.0 - masks, image_index),
+            apply_blur_pyramid(pyramid, masks, image_index, torchray_ends=True),
+            apply_blur_pyramid(pyramid, 1.0 - masks, image_index, torchray_ends=True),
         ]
     )
 
@@ -283,15 +346,17 @@ def extremal_masks(
 ) -> ExtremalResult:
     """Extremal perturbation masks for every image and area of a batch, optimised together.
 
-    model:   classifier taking pixels B×3×H×W in [0, 1] (it normalises itself) and returning
-             logits; put it in eval mode. Its weights get no gradients (the backward pass is
-             restricted to the mask parameters), whatever their requires_grad.
+    model:   classifier taking pixels B×3×H×W in [0, 1] (it normalises itself: its `mean`
+             attribute, 3 values, is the colour the blur pads with; 0.5 grey without one) and
+             returning logits; put it in eval mode. Its weights get no gradients (the backward
+             pass is restricted to the mask parameters), whatever their requires_grad.
     images:  B×3×H×W float in [0, 1], on the model's device.
     targets: B long, the class each mask explains.
     seeds:   B per-image seeds (seeding.image_seed); the published algorithm is deterministic,
              so they are only checked (one per image).
     All B·A masks (image-major: mask n is image n // A, area n % A) are one parameter tensor
-    with one SGD optimiser; the loss is the sum of per-mask losses.
+    with one SGD optimiser; the loss is the sum of per-mask losses. As TorchRay returns, the
+    result holds the masks of the last iteration's forward pass (before its SGD step).
     """
     settings = settings or ExtremalSettings()
     _check_inputs(images, targets, seeds)
@@ -300,14 +365,23 @@ def extremal_masks(
     num_areas = len(settings.areas)
     count = batch * num_areas
 
-    pyramid = blur_pyramid(images.float(), settings.max_blur_sigma, settings.pyramid_levels)
+    fill = getattr(model, "mean", None)
+    fill = torch.full((3,), 0.5) if fill is None else torch.as_tensor(fill).float()
+    pyramid = blur_pyramid(
+        images.float(), settings.max_blur_sigma, settings.pyramid_levels, fill=fill.to(device)
+    )
     generator = MaskGenerator(
-        (height, width), settings.step, settings.sigma, settings.smooth, device
+        (height, width),
+        settings.step,
+        settings.sigma,
+        settings.temperature,
+        device,
+        settings.margin,
     )
     image_index = torch.arange(batch, device=device).repeat_interleave(num_areas)
     mask_targets = targets.to(device).repeat_interleave(num_areas)
-    areas = torch.tensor(settings.areas, dtype=torch.float32, device=device).repeat(batch)
-    references = area_references(areas, height * width)
+    pixels = generator.extended[0] * generator.extended[1]
+    references = area_references(settings.areas, pixels, device).repeat(batch, 1)
     model_targets = mask_targets if settings.variant != "dual" else mask_targets.repeat(2)
 
     params = torch.ones(count, *generator.grid, device=device, requires_grad=True)
@@ -316,50 +390,59 @@ def extremal_masks(
     )
     weight = settings.area_weight
     for iteration in range(settings.iterations):
-        masks = generator(params)
+        extended = generator(params)
+        masks = generator.crop(extended)
         perturbed = _perturbed(pyramid, masks, image_index, settings.variant)
         if settings.jitter and iteration % 2 == 0:
             perturbed = perturbed.flip(dims=(3,))
         scores = reward_scores(model(perturbed), model_targets, settings.reward)
         reward = _rewards(scores, count, settings.variant)
-        loss = (weight * area_loss(masks, references) - reward).sum()
+        loss = (weight * area_loss(extended, references) - reward).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward(inputs=[params])
+        last = (params.detach().clone(), masks.detach(), extended.detach())
         optimizer.step()
         with torch.no_grad():
-            params.clamp_(0.0, 1.0)
+            params.clamp_(0, 1)
         weight *= settings.area_weight_growth
         if on_iteration is not None:
             on_iteration(iteration)
+    if settings.iterations == 0:
+        with torch.no_grad():
+            extended = generator(params.detach())
+        last = (params.detach().clone(), generator.crop(extended), extended)
+    return _result(model, pyramid, image_index, mask_targets, references, last, settings, batch)
 
+
+def _result(model, pyramid, image_index, targets, references, last, settings, batch):
+    """The ExtremalResult of the masks the last iteration applied."""
+    final, masks, extended = last
     with torch.no_grad():
-        final = params.detach()
-        masks = generator(final).clamp_(0.0, 1.0)
         preserved = reward_scores(
-            model(apply_blur_pyramid(pyramid, masks, image_index)), mask_targets, settings.reward
-        )
-        deleted = reward_scores(
-            model(apply_blur_pyramid(pyramid, 1.0 - masks, image_index)),
-            mask_targets,
+            model(apply_blur_pyramid(pyramid, masks, image_index, torchray_ends=True)),
+            targets,
             settings.reward,
         )
-        if settings.variant == "preserve":
-            rewards = preserved
-        elif settings.variant == "delete":
-            rewards = -deleted
-        else:
-            rewards = preserved - deleted
-        final_area = area_loss(masks, references)
+        deleted = reward_scores(
+            model(apply_blur_pyramid(pyramid, 1 - masks, image_index, torchray_ends=True)),
+            targets,
+            settings.reward,
+        )
+        rewards = {"preserve": preserved, "delete": -deleted}.get(
+            settings.variant, preserved - deleted
+        )
+        final_area = area_loss(extended, references)
         stored = masks
         if settings.mask_size > 0:
             stored = F.adaptive_avg_pool2d(masks[:, None], settings.mask_size)[:, 0]
 
     def per_image(values: torch.Tensor) -> torch.Tensor:
-        return values.reshape(batch, num_areas, *values.shape[1:]).float()
+        return values.reshape(batch, len(settings.areas), *values.shape[1:]).float()
 
     return ExtremalResult(
         masks=per_image(stored).contiguous(),
-        params=per_image(final).clone(),
+        params=per_image(final),
+        full_masks=per_image(masks),
         rewards=per_image(rewards),
         preserved=per_image(preserved),
         deleted=per_image(deleted),
@@ -373,13 +456,13 @@ def extremal_saliency(
     """Saliency maps B×h×w from extremal masks B×A×h×w.
 
     area_index None: the sum over areas (TorchRay's pointing-game benchmark), values in
-    [0, A]; an index: that area's mask alone, in [0, 1]. smooth > 0 blurs the result with a
-    Gaussian of σ = smooth · min(h, w) and zero padding (the benchmark used 0.09).
+    [0, A]; an index: that area's mask alone, in [0, 1]. smooth > 0 blurs the result as
+    TorchRay's benchmark does, σ = smooth · min(h, w), zero padding (it used 0.09).
     """
     if masks.dim() != 4:
         raise ValueError(f"masks must be B×A×h×w, got {tuple(masks.shape)}")
     saliency = masks.sum(dim=1) if area_index is None else masks[:, area_index]
     if smooth > 0:
         sigma = smooth * min(saliency.shape[-2:])
-        saliency = gaussian_blur(saliency[:, None], sigma, padding_mode="zeros")[:, 0]
+        saliency = smooth_zero_padded(saliency[:, None], sigma)[:, 0]
     return saliency

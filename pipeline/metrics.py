@@ -20,10 +20,12 @@ Deletion / insertion (Petsiuk et al., RISE, BMVC 2018):
       pixels of that order changed: replaced by the deletion substrate (deletion) or taken
       from the original image on top of the insertion substrate (insertion);
     * the deletion substrate is the normalisation mean colour: zero after normalisation;
-    * the insertion substrate is the image blurred with a ``blur_kernel``×``blur_kernel``
-      Gaussian of standard deviation ``blur_sigma`` (a sampled Gaussian, truncated to the
-      kernel and normalised to sum 1), applied per channel in the model's normalised space
-      with zero padding (so the border fades to the mean colour), then un-normalised;
+    * the insertion substrate is the image blurred with RISE's ``gkern(blur_kernel,
+      blur_sigma)``: scipy's ``gaussian_filter`` (reflect mode, truncate 4) applied to a
+      delta in a ``blur_kernel``×``blur_kernel`` array, so the Gaussian's tails fold back
+      into the window and the 11×11, σ 5 kernel is almost flat (:func:`rise_kernel1d`
+      computes it without scipy); applied per channel in the model's normalised space with
+      zero padding (so the border fades to the mean colour), then un-normalised;
     * the score is the softmax probability of the target class;
     * AUC is the trapezoid rule on x in [0, 1]: ``(sum(s) - s_0/2 - s_N/2) / N``.
 
@@ -34,7 +36,9 @@ Pointing game (Zhang et al., 2016; TorchRay's ``pointing_game.py``):
       subtracts 1 from PASCAL VOC's 1-based coordinates, and matches the ImageNet boxes of
       the sample data (0 .. 226 in 227-pixel images). Convert 1-based boxes before calling;
     * the point chosen by a saliency map is the pixel (x = column, y = row) of its maximum
-      after bilinear resizing to the original image size, the first in raster order on ties;
+      after bilinear resizing to the original image size (and, with ``smooth`` > 0, a
+      Gaussian blur of σ = smooth·min(H, W) with zero padding: TorchRay's benchmark smooths
+      extremal masks with 0.09), the first in raster order on ties;
     * its distance to a box is the Euclidean distance to the nearest point of the closed
       rectangle ``[xmin, xmax] × [ymin, ymax]`` (0 inside); its distance to the union of
       boxes is the minimum over the boxes; a hit when that distance is strictly below the
@@ -47,11 +51,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .perturbations import gaussian_kernel1d
+from .perturbations import smooth_zero_padded
 from .seeding import image_seed
 
 __all__ = [
@@ -59,7 +64,7 @@ __all__ = [
     "saliency_order",
     "deletion_substrate",
     "insertion_substrate",
-    "gaussian_kernel1d",
+    "rise_kernel1d",
     "perturbation_curves",
     "auc",
     "pointing_points",
@@ -113,8 +118,8 @@ class CurveProtocol:
         return (
             f"RISE deletion/insertion: {self.step} px per step, most salient first "
             f"(ties by raster index); deletion substrate = normalisation mean; insertion "
-            f"start = {self.blur_kernel}x{self.blur_kernel} Gaussian blur sigma "
-            f"{self.blur_sigma:g} in normalised space, zero padding; score = softmax "
+            f"start = blur with RISE's gkern({self.blur_kernel}, {self.blur_sigma:g}) "
+            f"in normalised space, zero padding; score = softmax "
             f"probability of the target; AUC = trapezoid on [0, 1]"
         )
 
@@ -202,11 +207,29 @@ def insertion_substrate(model, images: Tensor, protocol: CurveProtocol = CurvePr
     mean, std = _norm_stats(model, images)
     c = images.shape[1]
     k = protocol.blur_kernel
-    g = gaussian_kernel1d(k, protocol.blur_sigma, dtype=images.dtype, device=images.device)
-    weight = (g[:, None] * g[None, :]).expand(c, 1, k, k).contiguous()
+    g = rise_kernel1d(k, protocol.blur_sigma)
+    weight = (g[:, None] * g[None, :]).to(device=images.device, dtype=torch.float32)
+    weight = weight.to(images.dtype).expand(c, 1, k, k).contiguous()
     z = (images - mean) / std
     z = F.conv2d(z, weight, padding=k // 2, groups=c)
     return z * std + mean
+
+
+def rise_kernel1d(size: int, sigma: float) -> Tensor:
+    """One axis of RISE's ``gkern(size, sigma)``: a delta at the centre of `size` samples,
+    filtered as scipy.ndimage.gaussian_filter1d does by default (taps
+    exp(−x²/2σ²) normalised over |x| ≤ ⌊4σ + 0.5⌋, borders reflected about the half-sample:
+    d c b a | a b c d | d c b a). Returns `size` float64 values; the 2-D kernel is their
+    outer product, which RISE casts to float32.
+    """
+    radius = int(4.0 * sigma + 0.5)
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 / sigma**2 * offsets**2)
+    taps /= taps.sum()
+    delta = np.zeros(size)
+    delta[size // 2] = 1.0
+    padded = np.pad(delta, radius, mode="symmetric")
+    return torch.from_numpy(np.correlate(padded, taps, mode="valid"))
 
 
 def _targets_tensor(targets, batch: int, device) -> Tensor:
@@ -339,12 +362,13 @@ def _groups_by_size(sizes: list[tuple[int, int]]) -> dict[tuple[int, int], list[
     return groups
 
 
-def pointing_points(saliency: Tensor, original_sizes) -> Tensor:
+def pointing_points(saliency: Tensor, original_sizes, smooth: float = 0.0) -> Tensor:
     """The point each saliency map chooses, in its image's original pixel grid.
 
-    Each map is resized bilinearly (align_corners=False) to its (width, height) and its
-    maximum taken, the first in raster order on ties. Returns a B×2 float64 tensor of
-    (x = column, y = row) on the CPU.
+    Each map is resized bilinearly (align_corners=False) to its (width, height), blurred
+    when smooth > 0 (σ = smooth·min(width, height), TorchRay's imsmooth with zero padding, as
+    its benchmark does to extremal masks with 0.09), and its maximum taken, the first in
+    raster order on ties. Returns a B×2 float64 tensor of (x = column, y = row) on the CPU.
     """
     saliency = _float(_as_bhw(saliency))
     _check_finite(saliency)
@@ -353,7 +377,10 @@ def pointing_points(saliency: Tensor, original_sizes) -> Tensor:
     points = torch.empty(b, 2, dtype=torch.float64)
     for (wd, ht), idx in _groups_by_size(sizes).items():
         sel = torch.as_tensor(idx, device=saliency.device)
-        flat = _resize(saliency[sel], (ht, wd)).flatten(1)
+        resized = _resize(saliency[sel], (ht, wd))
+        if smooth > 0:
+            resized = smooth_zero_padded(resized[:, None], smooth * min(ht, wd))[:, 0]
+        flat = resized.flatten(1)
         top = flat.max(dim=1, keepdim=True).values
         raster = torch.arange(flat.shape[1], device=flat.device).expand_as(flat)
         first = torch.where(flat == top, raster, flat.shape[1]).min(dim=1).values.cpu()
@@ -556,13 +583,15 @@ def score_saliency(
     tolerance: float = 15.0,
     eval_batch_size: int = 256,
     points: Tensor | None = None,
+    smooth: float = 0.0,
 ) -> dict[str, Tensor]:
     """Deletion and insertion curves and AUCs, pointing hit and energy for one batch.
 
     images B×3×H×W pixels; saliency B×h×w (higher = more important); boxes: per image a
     K×4 tensor of the target class's boxes or None; original_sizes: (width, height) per
     image. `points` (B×2, x/y in original pixels) replaces the saliency's argmax in the
-    pointing game (the centre baseline points at the image centre). Returns CPU tensors:
+    pointing game (the centre baseline points at the image centre); `smooth` blurs the
+    map before its argmax (pointing_points). Returns CPU tensors:
     deletion_curve, insertion_curve (B×(N+1)), deletion_auc, insertion_auc, pointing_hit,
     pointing_energy (B; NaN where an image has no boxes).
     """
@@ -580,7 +609,7 @@ def score_saliency(
         columns[f"{mode}_curve"] = curves.float().cpu()
         columns[f"{mode}_auc"] = auc(curves).float().cpu()
     if points is None:
-        points = pointing_points(saliency, original_sizes)
+        points = pointing_points(saliency, original_sizes, smooth)
     columns["pointing_hit"] = pointing_hits(points, boxes, tolerance=tolerance)
     columns["pointing_energy"] = pointing_energy(saliency, boxes, original_sizes).float().cpu()
     return columns

@@ -163,30 +163,78 @@ def make_substrate(
     raise ValueError(f"unknown perturbation {kind!r}; choose from {', '.join(SUBSTRATES)}")
 
 
+# ----------------------------------------------------------------------------- TorchRay's blur
+# The square root of 2 and the float32 epsilon, as TorchRay's imsmooth rounds them.
+_SQRT2_F32 = torch.tensor(math.sqrt(2.0), dtype=torch.float32)
+_EPS_F32 = torch.tensor(torch.finfo(torch.float32).eps, dtype=torch.float32)
+
+
+def wide_gaussian_kernel1d(sigma: float | torch.Tensor, device=None) -> torch.Tensor:
+    """The 1-D kernel of TorchRay's ``imsmooth``: taps i = −⌈4σ⌉..⌈4σ⌉,
+    exp(−(i / (√2·σ + ε))²) normalised to sum 1, all in float32 (σ = 0 gives the identity [1])."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    half = math.ceil(4 * sigma)
+    taps = torch.arange(-half, half + 1, dtype=torch.float32) / (_SQRT2_F32 * sigma + _EPS_F32)
+    taps = torch.exp(-taps * taps)
+    return (taps / taps.sum()).to(device)
+
+
+def smooth_zero_padded(
+    images: torch.Tensor, sigma: float | torch.Tensor, fill: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Gaussian blur of B×C×H×W images as TorchRay's ``imsmooth`` computes it: the
+    wide_gaussian_kernel1d taps, the columns first, then the rows, zero padding.
+
+    fill: a colour (C values, or B×C×1×1) that stands for "zero" around the image: the blur is
+    fill + blur(images − fill). With fill = the model's normalisation mean, this is TorchRay's
+    blur of the normalised image (zero padding there) expressed in pixel space.
+    """
+    taps = wide_gaussian_kernel1d(sigma, images.device).to(images.dtype)
+    if taps.numel() == 1:
+        return images
+    channels = images.shape[1]
+    offset = None if fill is None else torch.as_tensor(fill).to(images).reshape(-1, channels, 1, 1)
+    x = images if offset is None else images - offset
+    pad = taps.numel() // 2
+    x = F.conv2d(
+        x, taps.view(1, 1, -1, 1).expand(channels, 1, -1, 1), padding=(pad, 0), groups=channels
+    )
+    x = F.conv2d(
+        x, taps.view(1, 1, 1, -1).expand(channels, 1, 1, -1), padding=(0, pad), groups=channels
+    )
+    return x if offset is None else x + offset
+
+
 # ----------------------------------------------------------------------------- blur pyramid
 def blur_pyramid(
     images: torch.Tensor,
     max_sigma: float = 20.0,
     levels: int = 8,
-    padding_mode: str = "reflect",
+    fill: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Progressively blurred copies of a batch: L×B×3×H×W (L = levels ≥ 2), no gradient.
 
-    Level l is the Gaussian blur with σ_l = max_sigma · l / (L − 1): level 0 is the image itself
-    (σ = 0, an exact copy), level L − 1 the strongest blur (σ = max_sigma). This is TorchRay's
-    blur pyramid (8 levels, σ_max 20 by default) in reverse order. Kernels span ±3σ (TorchRay:
-    ±4σ) and are shrunk to fit small images; borders are reflected (TorchRay pads the normalised
-    image with zeros, which fades the border towards the mean colour).
+    Level l is blurred with σ_l = max_sigma · l / (L − 1): level 0 is the image itself (an
+    exact copy), level L − 1 the strongest blur (σ = max_sigma). TorchRay's ``Perturbation``
+    holds the same levels in reverse order.
+
+    fill None: borders reflected, kernels ±3σ (shrunk to fit small images); mpbatch's own
+    mask-dependent blur for the meaningful-perturbation method.
+    fill a colour (3 values or B×3×1×1, the model's normalisation mean): exactly TorchRay's
+    pyramid, σ_l = (1 − linspace(0, 1, L)) · max_sigma in float32 and smooth_zero_padded around
+    that colour (TorchRay blurs the normalised image with zero padding).
     """
     if levels < 2:
         raise ValueError(f"a blur pyramid needs at least 2 levels, got {levels}")
     if max_sigma <= 0:
         raise ValueError(f"max_sigma must be positive, got {max_sigma}")
     with torch.no_grad():
-        stack = [
-            gaussian_blur(images, max_sigma * level / (levels - 1), padding_mode=padding_mode)
-            for level in range(levels)
-        ]
+        if fill is None:
+            sigmas = [max_sigma * level / (levels - 1) for level in range(levels)]
+            stack = [gaussian_blur(images, s) for s in sigmas]
+        else:
+            sigmas = ((1 - torch.linspace(0, 1, levels)) * max_sigma).flip(0)
+            stack = [smooth_zero_padded(images, s, fill) for s in sigmas]
         return torch.stack(stack).detach()
 
 
@@ -194,6 +242,7 @@ def apply_blur_pyramid(
     pyramid: torch.Tensor,
     masks: torch.Tensor,
     image_index: torch.Tensor | None = None,
+    torchray_ends: bool = False,
 ) -> torch.Tensor:
     """Blur each pixel by an amount set by its mask value: N×3×H×W, differentiable in the masks.
 
@@ -202,12 +251,15 @@ def apply_blur_pyramid(
     image_index: N long, which pyramid image each mask applies to (several masks per image
                  without copying the pyramid); None: N = B and mask n applies to image n.
 
-    The mask value m picks the fractional level t = (1 − m)(L − 1), i.e. the blur
-    σ(m) = (1 − m) · σ_max at the pyramid's levels, and the output interpolates linearly between
-    the two neighbouring levels ⌊t⌋ and ⌊t⌋ + 1 (TorchRay's Perturbation.apply). m = 1 returns
-    the image exactly, m = 0 the strongest level exactly; the gradient in m is the difference
-    of the neighbouring levels, one-sided (and non-zero) at m = 0 and m = 1. Values outside
-    [0, 1] (rounding) extrapolate linearly from the end levels.
+    The mask value m picks the fractional level t = m(L − 1) of TorchRay's order (0 = the
+    strongest blur, L − 1 = the image), and the output interpolates linearly between levels
+    ⌊t⌋ and ⌊t⌋ + 1 with weight t − ⌊t⌋. m = 1 returns the image exactly, m = 0 the strongest
+    level exactly.
+
+    torchray_ends False (mpbatch's own use): the gradient at m = 1 is one-sided, towards the
+    next level, so a mask that starts at 1 can move (the meaningful-perturbation method starts
+    there). True: at m = 1 the upper level is clamped to the image, so the gradient is zero
+    there, exactly TorchRay's ``Perturbation.apply`` (extremal perturbations).
     """
     levels, batch, channels, height, width = pyramid.shape
     if masks.dim() == 4:
@@ -221,12 +273,17 @@ def apply_blur_pyramid(
         if count != batch:
             raise ValueError(f"{count} masks for {batch} images; pass image_index")
         image_index = torch.arange(batch, device=masks.device)
-    position = (1.0 - masks) * (levels - 1)  # not clamped: clamp has no gradient at 0 and 1
-    lower = position.detach().floor().clamp_(0, levels - 2)
+    position = masks * (levels - 1)
+    lower = position.detach().floor().clamp_(0, levels - (1 if torchray_ends else 2))
     weight = (position - lower).unsqueeze(1)  # N×1×H×W in [0, 1]
+    # TorchRay's level k is this pyramid's level L − 1 − k
+    below_level = (levels - 1 - lower).long()
+    above_level = (below_level - 1).clamp_(min=0)
     flat = pyramid.reshape(levels * batch, channels, height * width)
-    base = (lower.long() * batch + image_index.view(-1, 1, 1)).view(count, 1, height * width)
-    index = base.expand(count, channels, height * width)
-    below = flat.gather(0, index).view(count, channels, height, width)
-    above = flat.gather(0, index + batch).view(count, channels, height, width)
-    return (1.0 - weight) * below + weight * above
+
+    def gather(level: torch.Tensor) -> torch.Tensor:
+        base = (level * batch + image_index.view(-1, 1, 1)).view(count, 1, height * width)
+        index = base.expand(count, channels, height * width)
+        return flat.gather(0, index).view(count, channels, height, width)
+
+    return (1 - weight) * gather(below_level) + weight * gather(above_level)

@@ -158,3 +158,7 @@ def test_apply_blur_pyramid_is_differentiable() -> None:
         ends = torch.full((2, 1, 20, 20), value, dtype=torch.float64, requires_grad=True)
         (apply_blur_pyramid(pyramid, ends) * images).sum().backward()
         assert ends.grad.abs().sum() > 0
+    # TorchRay's arithmetic: the upper level is clamped to the image, so m = 1 has no gradient
+    ones = torch.ones(2, 1, 20, 20, dtype=torch.float64, requires_grad=True)
+    (apply_blur_pyramid(pyramid, ones, torchray_ends=True) * images).sum().backward()
+    assert torch.equal(ones.grad, torch.zeros_like(ones))
