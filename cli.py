@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
+from pipeline.extremal import EXTREMAL_PRESETS
 from pipeline.optimize import GAMES, PERTURBATIONS, PRESETS
 
 
@@ -95,6 +96,14 @@ def _evaluation_options(function):
             show_default=True,
             help="Baselines scored beside the method (comma-separated; 'none').",
         ),
+        click.option(
+            "--smooth",
+            type=float,
+            default=None,
+            help="Pointing game: blur the map with a Gaussian of sigma SMOOTH x min(H, W) of "
+            "the original image before its argmax, as TorchRay's benchmark (0.09). Default: "
+            "0.09 for extremal masks, 0 otherwise.",
+        ),
     ]
     for option in reversed(options):
         function = option(function)
@@ -132,12 +141,16 @@ def _method_overrides(method: str, options: dict) -> dict:
     return given
 
 
-def _eval_options(step, tolerance, eval_batch_size, baselines):
+def _eval_options(step, tolerance, eval_batch_size, baselines, smooth):
     from pipeline.runner import EvalOptions
 
     names = tuple(b for b in baselines.split(",") if b and b != "none")
     return EvalOptions(
-        step=step, tolerance=tolerance, eval_batch_size=eval_batch_size, baselines=names
+        step=step,
+        tolerance=tolerance,
+        eval_batch_size=eval_batch_size,
+        baselines=names,
+        smooth=smooth,
     )
 
 
@@ -164,10 +177,11 @@ def main() -> None:
 @click.option("--weights", default=None, help="Weights file (state dict) for the model.")
 @click.option(
     "--preset",
-    type=click.Choice(sorted(PRESETS)),
-    default="seed",
-    show_default=True,
-    help="Hyperparameter preset; the options below override it.",
+    type=click.Choice(sorted(PRESETS) + sorted(EXTREMAL_PRESETS)),
+    default=None,
+    help="Hyperparameter preset; the options below override it. Meaningful perturbations: "
+    "seed (default), paper. Extremal: torchray-voc (default), torchray-coco (TorchRay's "
+    "pointing benchmark, areas for VOC / COCO).",
 )
 @click.option("--iterations", type=int, help="Optimisation steps per mask.")
 @click.option("--lr", type=float, help="Adam learning rate.")
@@ -195,11 +209,11 @@ def main() -> None:
 @click.option(
     "--method",
     type=click.Choice(["meaningful", "extremal"]),
-    default="meaningful",
-    show_default=True,
-    help="Meaningful perturbations (Fong & Vedaldi 2017) or extremal perturbations (2019).",
+    default=None,
+    help="Meaningful perturbations (Fong & Vedaldi 2017, the default) or extremal "
+    "perturbations (2019; the default for a torchray-* preset).",
 )
-@click.option("--areas", default=None, help="Extremal: target areas, e.g. 0.05,0.1,0.2.")
+@click.option("--areas", default=None, help="Extremal: target areas (default 0.025,0.05,0.1,0.2).")
 @click.option(
     "--variant",
     type=click.Choice(["preserve", "delete", "dual"]),
@@ -212,7 +226,12 @@ def main() -> None:
     default=None,
     help="Extremal: logit of the target, or target minus the best other class.",
 )
-@click.option("--smooth", type=float, default=None, help="Extremal: smooth-max temperature.")
+@click.option(
+    "--temperature",
+    type=float,
+    default=None,
+    help="Extremal: temperature of the mask's smooth max (0.05 = TorchRay's coldness 20).",
+)
 @click.option(
     "--area",
     type=int,
@@ -306,6 +325,7 @@ def run(
     tolerance,
     eval_batch_size,
     baselines,
+    smooth,
     precision,
     compile_model,
     cuda_graphs,
@@ -325,6 +345,7 @@ def run(
     from pipeline.runner import RunOptions, describe
     from pipeline.runner import run as run_pipeline
 
+    method = method or ("extremal" if preset in EXTREMAL_PRESETS else "meaningful")
     options = RunOptions(
         data=data,
         out=out,
@@ -350,7 +371,9 @@ def run(
         on_error=on_error,
         method=method,
         area=area,
-        evaluation=_eval_options(step, tolerance, eval_batch_size, baselines) if metrics else None,
+        evaluation=(
+            _eval_options(step, tolerance, eval_batch_size, baselines, smooth) if metrics else None
+        ),
     )
     click.echo(describe(run_pipeline(options)))
 
@@ -441,6 +464,7 @@ def evaluate(
     tolerance,
     eval_batch_size,
     baselines,
+    smooth,
     quiet,
 ) -> None:
     """Score saliency maps: deletion/insertion AUCs and the pointing game.
@@ -469,7 +493,7 @@ def evaluate(
         synset_mapping=synset_mapping,
         boxes_dir=boxes_dir,
         progress=not quiet,
-        evaluation=_eval_options(step, tolerance, eval_batch_size, baselines),
+        evaluation=_eval_options(step, tolerance, eval_batch_size, baselines, smooth),
     )
     scored = evaluate_maps(options)
     click.echo(f"scores written to {scored} and {scored.parent / 'report.csv'}")

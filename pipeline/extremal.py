@@ -365,11 +365,8 @@ def extremal_masks(
     num_areas = len(settings.areas)
     count = batch * num_areas
 
-    fill = getattr(model, "mean", None)
-    fill = torch.full((3,), 0.5) if fill is None else torch.as_tensor(fill).float()
-    pyramid = blur_pyramid(
-        images.float(), settings.max_blur_sigma, settings.pyramid_levels, fill=fill.to(device)
-    )
+    network, inputs, fill = _normalised_space(model, images.float())
+    pyramid = blur_pyramid(inputs, settings.max_blur_sigma, settings.pyramid_levels, fill=fill)
     generator = MaskGenerator(
         (height, width),
         settings.step,
@@ -395,7 +392,7 @@ def extremal_masks(
         perturbed = _perturbed(pyramid, masks, image_index, settings.variant)
         if settings.jitter and iteration % 2 == 0:
             perturbed = perturbed.flip(dims=(3,))
-        scores = reward_scores(model(perturbed), model_targets, settings.reward)
+        scores = reward_scores(network(perturbed), model_targets, settings.reward)
         reward = _rewards(scores, count, settings.variant)
         loss = (weight * area_loss(extended, references) - reward).sum()
         optimizer.zero_grad(set_to_none=True)
@@ -411,7 +408,21 @@ def extremal_masks(
         with torch.no_grad():
             extended = generator(params.detach())
         last = (params.detach().clone(), generator.crop(extended), extended)
-    return _result(model, pyramid, image_index, mask_targets, references, last, settings, batch)
+    return _result(network, pyramid, image_index, mask_targets, references, last, settings, batch)
+
+
+def _normalised_space(model: torch.nn.Module, images: torch.Tensor):
+    """(network, inputs, fill) for the optimisation: TorchRay blurs and blends the normalised
+    image and feeds the network directly. With a models.NormalizedClassifier (it has
+    `normalize` and the wrapped `model`) mpbatch does the same, so every float operation is
+    TorchRay's; with any other pixel model, the blur pads with its `mean` colour (0.5 grey
+    without one): the same values up to rounding."""
+    network = getattr(model, "model", None)
+    if callable(getattr(model, "normalize", None)) and isinstance(network, torch.nn.Module):
+        return network, model.normalize(images), torch.zeros(3, device=images.device)
+    mean = getattr(model, "mean", None)
+    fill = torch.full((3,), 0.5) if mean is None else torch.as_tensor(mean).float()
+    return model, images, fill.to(images.device)
 
 
 def _result(model, pyramid, image_index, targets, references, last, settings, batch):

@@ -73,6 +73,53 @@ def gaussian_blur(
     return x.reshape(batch, channels, height, width)
 
 
+def gaussian_blur_per_image(
+    images: torch.Tensor,
+    sigmas: Sequence[tuple[float, float]],
+    kernel_size: int | None = None,
+    padding_mode: str = "replicate",
+) -> torch.Tensor:
+    """Separable Gaussian blur with its own (σ_y, σ_x) for each image: B×C×H×W -> B×C×H×W.
+
+    sigmas:      B pairs (σ_y, σ_x) in pixels; 0 leaves that axis unblurred.
+    kernel_size: odd, for both axes; None: 2·ceil(3σ)+1 for each axis's σ.
+    padding_mode: as gaussian_blur; "replicate" (the default) extends the edge pixels, the
+                 border closest to Pillow's GaussianBlur.
+
+    Used where a blur is defined in pixels of each image's original photo (the released
+    code's σ 10, applied before resizing) and so differs per image and per axis once every
+    image is resized to the same square. One image at a time, so image b's result does not
+    depend on its batch neighbours.
+    """
+    if len(sigmas) != images.shape[0]:
+        raise ValueError(f"need one (σ_y, σ_x) per image: {len(sigmas)} for {images.shape[0]}")
+    out = []
+    for image, (sigma_y, sigma_x) in zip(images, sigmas, strict=True):
+        x = _blur_axis(image[None], float(sigma_x), kernel_size, padding_mode, vertical=False)
+        out.append(_blur_axis(x, float(sigma_y), kernel_size, padding_mode, vertical=True)[0])
+    return torch.stack(out)
+
+
+def _blur_axis(
+    images: torch.Tensor, sigma: float, kernel_size: int | None, padding_mode: str, vertical: bool
+) -> torch.Tensor:
+    """1-D Gaussian blur of B×C×H×W along H (vertical) or W."""
+    if sigma <= 0:
+        return images
+    batch, channels, height, width = images.shape
+    size = kernel_size or default_kernel_size(sigma)
+    if padding_mode == "reflect":
+        size = _fit_kernel(size, height, width)
+    taps = gaussian_kernel1d(size, sigma, device=images.device).to(images.dtype)
+    pad, mode = size // 2, "constant" if padding_mode == "zeros" else padding_mode
+    x = images.reshape(batch * channels, 1, height, width)
+    if vertical:
+        x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode=mode), taps.view(1, 1, -1, 1))
+    else:
+        x = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode=mode), taps.view(1, 1, 1, -1))
+    return x.reshape(batch, channels, height, width)
+
+
 def median_blur(images: torch.Tensor, kernel_size: int = 11) -> torch.Tensor:
     """Median over a kernel_size² window (replicate border, as OpenCV's medianBlur).
 

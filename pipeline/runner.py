@@ -32,7 +32,13 @@ from .datasets import (
     resolve_shard,
     shard_range,
 )
-from .extremal import ExtremalSettings, extremal_masks, extremal_saliency
+from .extremal import (
+    EXTREMAL_PRESETS,
+    ExtremalSettings,
+    extremal_masks,
+    extremal_saliency,
+    render_masks,
+)
 from .metrics import (
     BASELINES,
     CurveProtocol,
@@ -47,9 +53,9 @@ from .optimize import (
     MaskResult,
     MaskSettings,
     SpeedOptions,
+    applied_masks,
     make_batch_substrate,
     optimize_masks,
-    upsample_masks,
 )
 from .perturbations import apply_blur_pyramid, blur_pyramid
 from .report import write_failures_csv, write_report_csv, write_summary
@@ -97,6 +103,9 @@ class EvalOptions:
     eval_batch_size: int | None = None  # None: eval_batch_size_for(the images' device)
     baselines: tuple[str, ...] = BASELINES
     seed: int = 0  # of the random baseline
+    # pointing: blur the resized map with σ = smooth·min(H, W) before its argmax (TorchRay's
+    # benchmark smooths extremal masks with 0.09); None: 0.09 for extremal, else 0
+    smooth: float | None = None
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.baselines if b not in BASELINES]
@@ -115,15 +124,32 @@ class EvalOptions:
             "blur_kernel": protocol.blur_kernel,
             "blur_sigma": protocol.blur_sigma,
             "pointing": (
-                "saliency resized to the original image size; argmax (first in raster order); "
+                "saliency resized to the original image size"
+                + (
+                    f", smoothed with a Gaussian of sigma {self.smooth:g}·min(H, W) (zero "
+                    "padding, TorchRay's benchmark)"
+                    if self.smooth
+                    else ""
+                )
+                + "; argmax (first in raster order); "
                 f"hit when within {self.tolerance:g} px (Euclidean, strict <) of the union "
                 "of the target class's boxes; NaN without boxes"
             ),
             "tolerance": self.tolerance,
+            "smooth": self.smooth,
+            "scored_saliency": (
+                "1 - the mask as applied to the image (extremal: the mask; summed over areas "
+                "unless one is picked), at the model's input size"
+            ),
             "small_object": "target boxes cover < 25% of the image",
             "baselines": list(self.baselines),
             "random_seed": self.seed,
         }
+
+
+# Each method's presets, its default first.
+METHOD_PRESETS = {"meaningful": PRESETS, "extremal": EXTREMAL_PRESETS}
+EXTREMAL_POINTING_SMOOTH = 0.09  # TorchRay's benchmark: σ = 0.09·min(H, W) before the argmax
 
 
 @dataclass
@@ -134,7 +160,7 @@ class RunOptions:
     out: Path
     model: str = "efficientnet_lite0"
     weights: str | None = None
-    preset: str = "seed"
+    preset: str | None = None  # None: "seed" (meaningful) or "torchray-voc" (extremal)
     overrides: dict = field(default_factory=dict)  # MaskSettings fields set on the CLI
     size: int = 224
     target: str = "label"  # "label" (ground truth where known, else top-1) or "predicted"
@@ -152,19 +178,32 @@ class RunOptions:
     precision: str = "auto"  # "auto" | "fp32" | "bf16" (model forward only)
     compile: bool = False  # torch.compile the model (static shapes)
     cuda_graphs: bool = False  # with compile on CUDA: replay as CUDA graphs (reduce-overhead)
-    method: str = "meaningful"  # "meaningful" (Fong & Vedaldi 2017) or "extremal" (2019)
+    # "meaningful" (Fong & Vedaldi 2017) or "extremal" (2019); None: extremal for a torchray
+    # preset, else meaningful
+    method: str | None = None
     area: int | None = None  # extremal: score this area's mask (index), else the sum over areas
     evaluation: EvalOptions | None = field(default_factory=lambda: EvalOptions())
 
-    def mask_settings(self) -> MaskSettings | ExtremalSettings:
-        """The method's settings: the preset with the CLI's overrides (extremal: its own)."""
-        if self.method == "extremal":
-            return ExtremalSettings().replace(**self.overrides)
-        if self.method != "meaningful":
+    def __post_init__(self) -> None:
+        if self.method is None:
+            self.method = "extremal" if self.preset in EXTREMAL_PRESETS else "meaningful"
+        if self.method not in METHOD_PRESETS:
             raise ValueError(f"unknown method {self.method!r}; choose meaningful or extremal")
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
-        return PRESETS[self.preset].replace(**self.overrides)
+        presets = METHOD_PRESETS[self.method]
+        if self.preset is None:
+            self.preset = next(iter(presets))
+        if self.preset not in presets:
+            raise ValueError(
+                f"preset {self.preset!r} is not one of --method {self.method}'s: "
+                f"{', '.join(presets)}"
+            )
+        if self.evaluation is not None and self.evaluation.smooth is None:
+            smooth = EXTREMAL_POINTING_SMOOTH if self.method == "extremal" else 0.0
+            self.evaluation = dataclasses.replace(self.evaluation, smooth=smooth)
+
+    def mask_settings(self) -> MaskSettings | ExtremalSettings:
+        """The method's settings: the preset with the CLI's overrides."""
+        return METHOD_PRESETS[self.method][self.preset].replace(**self.overrides)
 
 
 @dataclass
@@ -282,12 +321,14 @@ def explain_batch(
     target_mode: str,
     speed: SpeedOptions | None = None,
     pad_to: int | None = None,
+    original_sizes: list[tuple[int, int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Classify and mask one batch; returns the per-image columns of the mask file.
 
     pad_to: optimise at least this many images, repeating the last one (its copies are
     dropped); with --compile a short last batch then reuses the compiled shapes. Masks do
     not depend on their batch neighbours, so the real images' masks are unchanged.
+    original_sizes: (width, height) of each photo (the paper preset blurs at that scale).
     """
     probs = classify(model, images)
     predictions = probs.argmax(dim=1)
@@ -305,16 +346,21 @@ def explain_batch(
         return {
             **common,
             "masks": masks.cpu().numpy().astype(np.float32),
+            "params": result.params.cpu().numpy().astype(np.float32),
             "reward": result.rewards.float().cpu().numpy(),
             "mask_area": masks.flatten(2).mean(2).cpu().numpy(),
         }
     count = len(keys)
     extra = max(0, (pad_to or 0) - count)
+    sizes = None if original_sizes is None else list(original_sizes)
     if extra:
         images = torch.cat([images, images[-1:].expand(extra, -1, -1, -1)])
         targets = torch.cat([targets, targets[-1:].expand(extra)])
         seeds = seeds + seeds[-1:] * extra
-    result = optimize_masks(model, images, targets, seeds, settings, speed=speed)
+        sizes = None if sizes is None else sizes + sizes[-1:] * extra
+    result = optimize_masks(
+        model, images, targets, seeds, settings, speed=speed, original_sizes=sizes
+    )
     result = MaskResult(result.masks[:count], result.loss[:count], result.prob_masked[:count])
     masks = result.masks[:, 0]
     return {
@@ -326,22 +372,44 @@ def explain_batch(
     }
 
 
+def settings_from_config(config: dict) -> MaskSettings | ExtremalSettings:
+    """The method settings recorded in a mask file's config."""
+    mask = dict(config["mask"])
+    if config.get("method", "meaningful") == "extremal":
+        mask["areas"] = tuple(mask["areas"])
+        if "smooth" in mask:  # files from before the rename to temperature
+            mask["temperature"] = mask.pop("smooth")
+        return ExtremalSettings(**mask)
+    return MaskSettings(**mask)
+
+
 def saliency_from_masks(
     masks: np.ndarray | torch.Tensor,
-    method: str = "meaningful",
+    settings: MaskSettings | ExtremalSettings,
+    size: tuple[int, int],
     area: int | None = None,
-    game: str = "delete",
+    params: np.ndarray | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Saliency (higher = more important) B×h×w from stored masks.
+    """The saliency every metric scores (higher = more important): B×H×W at the model's
+    input size, made from the mask as it was applied to the image.
 
-    meaningful: masks B×h×w with 1 = kept; the deletion game's saliency is 1 − m, the
-    preservation game's is m. extremal: masks B×A×h×w with 1 = salient; the sum over areas
-    (as the published benchmark scores them) or the mask of one area.
+    meaningful: masks B×h×w, 1 = kept; the mask as the optimiser applied it (optimize.
+    applied_masks: its interpolation and mask blur), then 1 − m for the deletion game, m for
+    the preservation game. extremal: masks B×A×s×s with 1 = salient and their grid `params`
+    B×A×h×w, from which the full-resolution masks are rebuilt exactly; summed over areas (as
+    TorchRay's benchmark scores them) or the mask of one area. Files from before the params
+    were stored: the stored masks resized bilinearly.
     """
-    masks = torch.as_tensor(masks)
-    if method == "extremal":
-        return extremal_saliency(masks, area)
-    return masks if game == "preserve" else 1.0 - masks
+    masks = torch.as_tensor(masks).float()
+    if isinstance(settings, ExtremalSettings):
+        if params is not None:
+            full = render_masks(torch.as_tensor(params).to(masks.device), size, settings)
+        else:
+            full = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+        return extremal_saliency(full, area)
+    with torch.no_grad():
+        applied = applied_masks(masks, size, settings)
+    return applied if settings.game == "preserve" else 1.0 - applied
 
 
 def _loader(dataset, options: RunOptions, device: torch.device):
@@ -404,7 +472,9 @@ def _probe_batch(model, batch, size, settings, speed, device) -> None:
     if isinstance(settings, ExtremalSettings):
         extremal_masks(model, images, targets, seeds, settings.replace(iterations=2))
     else:
-        optimize_masks(model, images, targets, seeds, settings.replace(iterations=2), speed=speed)
+        short = settings.replace(iterations=2)
+        sizes = [(size, size)] * batch
+        optimize_masks(model, images, targets, seeds, short, speed=speed, original_sizes=sizes)
 
 
 class Interrupted(Exception):
@@ -640,23 +710,35 @@ def _mask_and_score(
     compiled = speed is not None and speed.compile and whole_batch
     pad_to = options.batch_size if compiled else None
     columns = explain_batch(
-        model, images, labels, keys, settings, options.target, speed, pad_to=pad_to
+        model,
+        images,
+        labels,
+        keys,
+        settings,
+        options.target,
+        speed,
+        pad_to=pad_to,
+        original_sizes=sizes,
     )
     timings["optimize"] += time.perf_counter() - tick
     if options.evaluation is not None:
         tick = time.perf_counter()
+        masks = torch.from_numpy(columns["masks"]).to(device)
+        params = columns.get("params")
+        size = tuple(images.shape[-2:])
         saliency = saliency_from_masks(
-            columns["masks"], options.method, options.area, getattr(settings, "game", "delete")
+            masks, settings, size, options.area, None if params is None else params
         )
         columns.update(
             evaluate_batch(
                 model,
                 images,
-                saliency.to(device),
+                saliency,
                 torch.from_numpy(columns["target"]).to(device),
                 rows,
                 sizes,
                 options.evaluation,
+                baseline_size=tuple(masks.shape[-2:]),
             )
         )
         timings["evaluate"] += time.perf_counter() - tick
@@ -705,12 +787,14 @@ def evaluate_batch(
     samples: list[Sample],
     sizes: list[tuple[int, int]],
     evaluation: EvalOptions,
+    baseline_size: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Metric columns for one batch: the saliency's, then each baseline's (prefixed).
 
     saliency B×h×w (higher = more important); sizes (width, height) of the original images.
-    Baselines use the saliency's resolution (the random baseline is noise at the mask's
-    granularity); the centre baseline points at the image centre in the pointing game.
+    The random baseline is noise at `baseline_size` (the mask's granularity; default the
+    saliency's); the centre baseline points at the image centre in the pointing game.
+    Every map's pointing uses evaluation.smooth.
     """
     boxes = [target_boxes(s, int(t)) for s, t in zip(samples, targets.tolist(), strict=True)]
     keys = [s.path for s in samples]
@@ -722,6 +806,7 @@ def evaluate_batch(
             if evaluation.eval_batch_size is None
             else evaluation.eval_batch_size
         ),
+        "smooth": evaluation.smooth or 0.0,
     }
     model_eval = model.eval()
     columns = {
@@ -734,7 +819,8 @@ def evaluate_batch(
     columns["box_coverage"] = coverage
     columns["small_object"] = np.where(np.isnan(coverage), np.nan, coverage < 0.25)
     for name in evaluation.baselines:
-        baseline = baseline_saliency(name, keys, tuple(saliency.shape[-2:]), evaluation.seed)
+        grid = baseline_size or tuple(saliency.shape[-2:])
+        baseline = baseline_saliency(name, keys, grid, evaluation.seed)
         points = center_points(sizes) if name == "center" else None
         scores = score_saliency(
             model_eval,
@@ -776,7 +862,7 @@ def render_figures(out: str | Path, dest: str | Path, limit: int | None = None) 
     masks_file = out / MASKS_FILE if out.is_dir() else out
     columns, attrs = read_columns(masks_file)
     config = attrs["config"]
-    method = config.get("method", "meaningful")
+    settings = settings_from_config(config)
     names = list(attrs.get("class_names", []))
     data, size = Path(config["data"]), int(config["size"])
     mean = torch.tensor(config.get("normalization", {}).get("mean", [0.5, 0.5, 0.5]))
@@ -784,40 +870,38 @@ def render_figures(out: str | Path, dest: str | Path, limit: int | None = None) 
     written = []
     for row in range(count):
         relative = str(columns["path"][row])
-        pixels, _, _ = decode_image(data / relative)
+        pixels, width, height = decode_image(data / relative)
         image = resize_image(pixels, size)[None]
         masks = torch.from_numpy(columns["masks"][row])[None]
+        params = columns["params"][row][None] if "params" in columns else None
         target = int(columns["target"][row])
         name = names[target] if 0 <= target < len(names) else str(target)
-        if method == "extremal":
-            settings = ExtremalSettings(
-                **{**config["mask"], "areas": tuple(config["mask"]["areas"])}
-            )
+        saliency = saliency_from_masks(masks, settings, (size, size), config.get("area"), params)
+        if isinstance(settings, ExtremalSettings):
             middle = masks.shape[1] // 2  # show the middle area's preserved image
-            keep = F.interpolate(masks[:, middle : middle + 1], (size, size), mode="bilinear")
-            pyramid = blur_pyramid(image, settings.max_blur_sigma, settings.pyramid_levels)
-            perturbed = apply_blur_pyramid(pyramid, keep)
+            if params is not None:
+                keep = render_masks(torch.from_numpy(params[:, middle]), (size, size), settings)
+            else:
+                keep = F.interpolate(masks[:, middle : middle + 1], (size, size), mode="bilinear")
+            pyramid = blur_pyramid(image, settings.max_blur_sigma, settings.pyramid_levels, mean)
+            perturbed = apply_blur_pyramid(pyramid, keep, torchray_ends=True)
             title = (
                 f"{relative}: {name} — p(clean) {columns['prob_clean'][row]:.3f}; "
                 f"middle: area {settings.areas[middle]:g} preserved"
             )
         else:
-            settings = MaskSettings(**config["mask"])
-            up = upsample_masks(masks[:, None], (size, size), settings.mask_blur_sigma)
+            up = applied_masks(masks, (size, size), settings)[:, None]
             if settings.perturbation == "blur-pyramid":
                 pyramid = blur_pyramid(image, settings.blur_sigma, settings.pyramid_levels)
                 perturbed = apply_blur_pyramid(pyramid, up)
             else:
                 seeds = [image_seed(settings.seed, relative)]
-                substrate = make_batch_substrate(image, settings, seeds, mean)
+                substrate = make_batch_substrate(image, settings, seeds, mean, [(width, height)])
                 perturbed = image * up + substrate * (1 - up)
             title = (
                 f"{relative}: {name} — p(clean) {columns['prob_clean'][row]:.3f}, "
                 f"p(perturbed) {columns['prob_masked'][row]:.3f}"
             )
-        saliency = saliency_from_masks(
-            masks, method, config.get("area"), config["mask"].get("game", "delete")
-        )
         figure = saliency_panel(image[0], perturbed[0], saliency[0], title)
         path = dest / (Path(relative).with_suffix("").as_posix().replace("/", "__") + ".png")
         save_figure(figure, path)
@@ -857,10 +941,27 @@ class SaliencySource:
     """Saliency maps to score: paths (relative to the data root) and N×h×w maps."""
 
     paths: list[str]
-    saliency: np.ndarray | None  # None for a baseline (made per batch)
+    saliency: np.ndarray | None  # None for a baseline (made per batch) or an mpbatch run
     targets: np.ndarray | None  # fixed targets (an mpbatch run), else chosen per batch
     masks_file: Path | None  # an mpbatch run's file, updated in place
     config: dict
+    masks: dict | None = None  # an mpbatch run's "masks" (and "params") columns
+
+    def batch(self, rows: list[int], size: int, device) -> torch.Tensor | None:
+        """The saliency maps of these rows, on `device`; None for a baseline. A run's maps
+        are made from its masks batch by batch (saliency_from_masks), at input size."""
+        if self.masks is not None:
+            params = self.masks.get("params")
+            return saliency_from_masks(
+                torch.from_numpy(self.masks["masks"][rows]).to(device),
+                settings_from_config(self.config),
+                (size, size),
+                self.config.get("area"),
+                None if params is None else params[rows],
+            )
+        if self.saliency is not None:
+            return torch.from_numpy(self.saliency[rows]).to(device)
+        return None
 
 
 def _is_mask_file(path: Path) -> bool:
@@ -903,14 +1004,9 @@ def read_saliency_source(options: EvaluateOptions) -> SaliencySource:
     if is_run:
         columns, attrs = read_columns(source)
         config = attrs["config"]
-        saliency = saliency_from_masks(
-            columns["masks"].astype(np.float32),
-            config.get("method", "meaningful"),
-            config.get("area"),
-            config.get("mask", {}).get("game", "delete"),
-        ).numpy()
+        masks = {k: columns[k].astype(np.float32) for k in ("masks", "params") if k in columns}
         paths = [str(p) for p in columns["path"]]
-        return SaliencySource(paths, saliency, columns["target"], source, attrs["config"])
+        return SaliencySource(paths, None, columns["target"], source, config, masks)
     with h5py.File(source, "r") as file:
         if "saliency" not in file or "path" not in file:
             raise DatasetError(f"{source}: needs datasets 'path' and 'saliency' (N×h×w)")
@@ -929,6 +1025,13 @@ def evaluate(options: EvaluateOptions) -> Path:
     """
     source = read_saliency_source(options)
     config = source.config
+    if options.evaluation.smooth is None:
+        extremal = config.get("method") == "extremal"
+        smooth = EXTREMAL_POINTING_SMOOTH if extremal else 0.0
+        options = dataclasses.replace(
+            options, evaluation=dataclasses.replace(options.evaluation, smooth=smooth)
+        )
+    grid = None if source.masks is None else tuple(source.masks["masks"].shape[-2:])
     data = Path(options.data or config.get("data") or "")
     if not str(data):
         raise DatasetError("evaluate needs --data DATA (the images the maps belong to)")
@@ -977,9 +1080,8 @@ def evaluate(options: EvaluateOptions) -> Path:
         else:
             labels = torch.tensor([samples[positions[r]].label for r in rows], device=device)
             targets = choose_targets(labels, predictions, options.target)
-        if source.saliency is not None:
-            saliency = torch.from_numpy(source.saliency[rows]).to(device)
-        else:
+        saliency = source.batch(rows, size, device)
+        if saliency is None:
             keys = [paths[r] for r in rows]
             saliency = baseline_saliency(
                 options.baseline, keys, (size, size), options.evaluation.seed
@@ -993,6 +1095,7 @@ def evaluate(options: EvaluateOptions) -> Path:
             [samples[positions[r]] for r in rows],
             sizes,
             options.evaluation,
+            baseline_size=grid,
         )
         columns["row"] = np.array(rows, dtype=np.int64)
         if source.masks_file is None:

@@ -202,8 +202,16 @@ def test_evaluate_foreign_maps_equals_run(class_folders, tmp_path) -> None:
         "none",
     ]
     assert CliRunner().invoke(main, args).exit_code == 0
-    run_columns = _columns(out / "masks.h5")
-    saliency = 1.0 - run_columns["masks"]
+    from pipeline.runner import saliency_from_masks, settings_from_config
+    from pipeline.store import read_columns
+
+    run_columns, attrs = read_columns(out / "masks.h5")
+    # what the run scored: 1 − the mask as the optimiser applied it, at the input size
+    settings = settings_from_config(attrs["config"])
+    saliency = (1.0 - run_columns["masks"]).astype(np.float32)
+    scored = saliency_from_masks(run_columns["masks"], settings, (32, 32)).numpy()
+    assert scored.shape[-2:] == (32, 32) and saliency.shape[-2:] != (32, 32)
+    saliency = scored
 
     foreign = tmp_path / "gradcam.h5"
     with h5py.File(foreign, "w") as file:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_models import BrightRegionModel, TinyCNN
 
 import pipeline.optimize as optimize
@@ -11,11 +15,17 @@ from pipeline.optimize import (
     PRESETS,
     MaskSettings,
     SpeedOptions,
+    applied_masks,
+    crop_windows,
     jitter_images,
+    make_batch_substrate,
     optimize_masks,
+    original_blur_sigmas,
     resolve_precision,
     total_variation,
+    upsample_masks,
 )
+from pipeline.perturbations import gaussian_blur, gaussian_blur_per_image
 from pipeline.seeding import image_seed
 
 FAST = MaskSettings(iterations=12, mask_size=8, blur_kernel=5, blur_sigma=2.0)
@@ -36,6 +46,14 @@ def _seeds(n: int, run_seed: int = 0) -> list[int]:
     return [image_seed(run_seed, f"img_{i}.png") for i in range(n)]
 
 
+# The paper preset scaled down to 32-pixel images: an 8×8 mask upsampled ×4 by block copy.
+PAPER_FAST = PRESETS["paper"].replace(
+    iterations=12, mask_size=8, blur_sigma=2.0, blur_kernel=5, mask_blur_sigma=1.0
+)
+# (width, height) of the tiny images' "original photos", for blur_at="original"
+SIZES = [(40 + 7 * i, 30 + 5 * i) for i in range(8)]
+
+
 @pytest.mark.parametrize(
     "settings",
     [
@@ -43,8 +61,10 @@ def _seeds(n: int, run_seed: int = 0) -> list[int]:
         FAST.replace(perturbation="blur", jitter=2, mask_blur_sigma=1.0, noise=0.1),
         FAST.replace(perturbation="constant", l1_reduction="sum", noise=0.0),
         FAST.replace(game="preserve"),
+        PAPER_FAST,
+        PAPER_FAST.replace(perturbation="blur-pyramid", pyramid_levels=4, noise=0.1),
     ],
-    ids=["seed-like", "paper-like", "constant", "preserve"],
+    ids=["seed-like", "shift-jitter", "constant", "preserve", "paper", "paper-pyramid"],
 )
 def test_masks_do_not_depend_on_batch_size_or_order(settings: MaskSettings) -> None:
     torch.manual_seed(0)
@@ -53,38 +73,27 @@ def test_masks_do_not_depend_on_batch_size_or_order(settings: MaskSettings) -> N
     targets = model(images).argmax(1)
     seeds = _seeds(8)
 
-    together = optimize_masks(model, images, targets, seeds, settings).masks
-    alone = torch.cat(
-        [
-            optimize_masks(
-                model, images[i : i + 1], targets[i : i + 1], seeds[i : i + 1], settings
-            ).masks
-            for i in range(8)
-        ]
-    )
+    def run(index: list[int]) -> torch.Tensor:
+        sizes = [SIZES[i] for i in index]
+        picked = images[index], targets[index], [seeds[i] for i in index]
+        return optimize_masks(model, *picked, settings, original_sizes=sizes).masks
+
+    together = run(list(range(8)))
+    alone = torch.cat([run([i]) for i in range(8)])
     assert together.shape == (8, 1, 8, 8)
-    # the masks actually moved away from their initial value of 1
-    assert (together < 0.999).any()
+    # the masks actually moved away from their initial value
+    start = optimize_masks(
+        model, images, targets, seeds, settings.replace(iterations=0), original_sizes=SIZES
+    ).masks
+    assert (together - start).abs().max() > 0.05
     assert (together - alone).abs().max().item() <= 1e-5
 
     for batch_size in (3,):
-        chunks = [
-            optimize_masks(
-                model,
-                images[i : i + batch_size],
-                targets[i : i + batch_size],
-                seeds[i : i + batch_size],
-                settings,
-            ).masks
-            for i in range(0, 8, batch_size)
-        ]
+        chunks = [run(list(range(i, min(i + batch_size, 8)))) for i in range(0, 8, batch_size)]
         assert (torch.cat(chunks) - together).abs().max().item() <= 1e-5
 
-    order = torch.randperm(8, generator=torch.Generator().manual_seed(3))
-    shuffled = optimize_masks(
-        model, images[order], targets[order], [seeds[i] for i in order], settings
-    ).masks
-    assert (shuffled - together[order]).abs().max().item() <= 1e-5
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(3)).tolist()
+    assert (run(order) - together[order]).abs().max().item() <= 1e-5
 
 
 def test_different_image_keys_give_different_noise() -> None:
@@ -142,13 +151,281 @@ def test_jitter_shifts_each_image_its_own_way() -> None:
     assert shifted[1, 0, 0, 0].item() == images[1, 0, 1, 0].item()
 
 
+# ----------------------------------------------------------------------------- the paper preset
+def _released_tv(x: np.ndarray, beta: float):
+    """tv() of the released optimize_mask.py (lines 446-460), as written there."""
+    d1 = np.zeros(x.shape)
+    d2 = np.zeros(x.shape)
+    d1[:-1, :] = np.diff(x, axis=0)
+    d2[:, :-1] = np.diff(x, axis=1)
+    v = np.sqrt(d1 * d1 + d2 * d2) ** beta
+    e = v.sum()
+    d1_ = (np.maximum(v, 1e-5) ** (2 * (beta / float(2) - 1) / float(beta))) * d1
+    d2_ = (np.maximum(v, 1e-5) ** (2 * (beta / float(2) - 1) / float(beta))) * d2
+    d11 = -d1_
+    d22 = -d2_
+    d11[1:, :] = -np.diff(d1_, axis=0)
+    d22[:, 1:] = -np.diff(d2_, axis=1)
+    dx = beta * (d11 + d22)
+    return (e, dx)
+
+
+def _released_resize(img: np.ndarray, scale: int, diff: bool = False) -> np.ndarray:
+    """resize() of the released optimize_mask.py (lines 425-444), in Python 3 division."""
+    if diff:
+        out = np.zeros((img.shape[0] // scale, img.shape[1] // scale))
+    else:
+        out = np.zeros((scale * img.shape[0], scale * img.shape[1]))
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            if diff:
+                for r in range(scale):
+                    for c in range(scale):
+                        out[i][j] += img[i * scale + r][j * scale + c]
+            else:
+                out[i][j] = img[int(i / scale)][int(j / scale)]
+    return out
+
+
+def test_paper_regularisers_by_hand() -> None:
+    mask = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]).view(1, 1, 3, 3)
+    # forward differences, 0 past the last row / column:
+    #   Δrow = m[i+1, j] − m[i, j] = [[1, 0, 0], [−1, −1, 0], [0, 0, 0]]
+    #   Δcol = m[i, j+1] − m[i, j] = [[1, −1, 0], [0, −1, 0], [0, 0, 0]]
+    #   (Δrow² + Δcol²)^(3/2)      = [[2√2, 1, 0], [1, 2√2, 0], [0, 0, 0]]  -> Σ = 2 + 4√2
+    tv_sum = 2 + 4 * math.sqrt(2)
+    iso = total_variation(mask, 3.0, isotropic=True, reduction="sum")
+    assert iso.item() == pytest.approx(tv_sum, rel=1e-6)
+    mean = total_variation(mask, 3.0, isotropic=True, reduction="mean")
+    assert mean.item() == pytest.approx(tv_sum / 9, rel=1e-6)
+    # the seed's anisotropic form: |Δrow|³ over the 2×3 row differences is [1, 0, 0, 1, 1, 0]
+    # (mean 1/2, sum 3), |Δcol|³ over the 3×2 column differences [1, 1, 0, 1, 0, 0] (the same)
+    assert total_variation(mask, 3.0).item() == pytest.approx(1.0)
+    assert total_variation(mask, 3.0, reduction="sum").item() == pytest.approx(6.0)
+    # the released code's value is the same sum
+    assert _released_tv(mask[0, 0].double().numpy(), 3.0)[0] == pytest.approx(tv_sum)
+    # the whole regulariser: paper 1e-4 · Σ|1 − m| (six zeros) + 1e-2 · TV, summed;
+    # seed 0.01 · mean|1 − m| + 0.2 · (anisotropic mean TV)
+    paper = optimize._mask_losses(mask, PRESETS["paper"]).item()
+    assert paper == pytest.approx(1e-4 * 6 + 1e-2 * tv_sum, rel=1e-6)
+    seed = optimize._mask_losses(mask, PRESETS["seed"]).item()
+    assert seed == pytest.approx(0.01 * 6 / 9 + 0.2 * 1.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("beta", [3.0, 2.0, 1.5])
+def test_isotropic_tv_has_the_released_gradient(beta: float) -> None:
+    rng = np.random.default_rng(0)
+    mask = rng.random((7, 6))
+    mask[:3, :3] = 0.5  # a flat patch, where the released gradient floors v at 1e-5
+    mask[5, :] = mask[5, 0]
+    energy, gradient = _released_tv(mask, beta)
+    masks = torch.tensor(mask[None, None], requires_grad=True)
+    value = total_variation(masks, beta, isotropic=True, reduction="sum")
+    value.sum().backward()
+    assert value.item() == pytest.approx(energy, rel=1e-12)
+    np.testing.assert_allclose(masks.grad[0, 0].numpy(), gradient, rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(masks.grad).all()
+
+
+def test_nearest_upsampling_and_its_gradient_are_the_released_resize() -> None:
+    rng = np.random.default_rng(1)
+    mask, grad = rng.random((4, 5)), rng.standard_normal((32, 40))
+    settings = PRESETS["paper"].replace(mask_blur_sigma=0.0)
+    masks = torch.tensor(mask[None], requires_grad=True)
+    up = applied_masks(masks, (32, 40), settings)
+    assert np.array_equal(up[0].detach().numpy(), _released_resize(mask, 8))
+    (up[0] * torch.tensor(grad)).sum().backward()
+    released = _released_resize(grad, 8, diff=True)
+    np.testing.assert_allclose(masks.grad[0].numpy(), released, rtol=1e-12, atol=1e-12)
+
+
+def test_the_score_gradient_skips_the_mask_blur_as_released() -> None:
+    generator = torch.Generator().manual_seed(2)
+    mask = torch.rand(1, 4, 4, dtype=torch.float64, generator=generator)
+    grad = torch.randn(1, 32, 32, dtype=torch.float64, generator=generator)
+    paper = PRESETS["paper"].replace(mask_blur_sigma=2.0)
+    up = mask.repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None]
+    blurred = gaussian_blur(up, 2.0, padding_mode="replicate")[:, 0]
+
+    skip = mask.clone().requires_grad_(True)
+    applied = applied_masks(skip, (32, 32), paper)
+    assert torch.equal(applied, blurred)
+    (applied * grad).sum().backward()
+    # O:313-317 and O:350-351: dL/dM summed over each 8×8 block, the blur left out
+    assert torch.allclose(skip.grad, grad.view(1, 4, 8, 4, 8).sum((2, 4)))
+
+    exact = mask.clone().requires_grad_(True)
+    applied = applied_masks(exact, (32, 32), paper.replace(mask_blur_gradient="exact"))
+    assert torch.equal(applied, blurred)
+    (applied * grad).sum().backward()
+    assert (exact.grad - skip.grad).abs().max() > 0.1
+
+
+class _Recorder(torch.nn.Module):
+    """A model wrapper that keeps every input it is called with."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.mean, self.std = model.mean, model.std
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        return self.model(x)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [FAST.replace(mask_init="uniform", noise=0.0, mask_blur_sigma=1.0), PAPER_FAST],
+    ids=["seed-like", "paper"],
+)
+def test_applied_masks_are_what_the_optimiser_composites(settings: MaskSettings) -> None:
+    model = _Recorder(_frozen(TinyCNN()))
+    images, seeds, sizes = _images(3), _seeds(3), SIZES[:3]
+    targets = model.model(images).argmax(1)
+    once = settings.replace(iterations=1)
+    result = optimize_masks(model, images, targets, seeds, once, original_sizes=sizes)
+    first, final = model.inputs[0], model.inputs[-1]
+    substrate = make_batch_substrate(images, settings, seeds, model.mean, sizes)
+
+    # iteration 0: each image's generator draws its U[0, 1) mask first, then the jitter
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    start = torch.stack([torch.rand(8, 8, generator=g) for g in generators])
+    applied = applied_masks(start, (32, 32), settings)[:, None]
+    if settings.jitter_mode == "crop":
+        # the released jitter: image and substrate resized to 36×36 and cropped at
+        # (j1, j2) ∈ [0, 4)², both under the same fixed mask
+        offsets = torch.stack([torch.randint(0, 4, (2,), generator=g) for g in generators])
+        both = torch.cat([images, substrate], dim=1)
+        canvas = F.interpolate(both, size=(36, 36), mode="bilinear", align_corners=False)
+        window = crop_windows(canvas, offsets, (32, 32))
+        expected = window[:, :3] * applied + window[:, 3:] * (1.0 - applied)
+    else:
+        expected = images * applied + substrate * (1.0 - applied)
+    assert torch.equal(first, expected)
+
+    # the score of the result: the un-jittered image under applied_masks(result.masks)
+    applied = applied_masks(result.masks[:, 0], (32, 32), settings)[:, None]
+    assert torch.equal(final, images * applied + substrate * (1.0 - applied))
+    assert (applied < 0.999).any()
+
+
+def test_crop_windows_and_jitter_draws() -> None:
+    canvas = torch.arange(2 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6)
+    windows = crop_windows(canvas, torch.tensor([[0, 3], [2, 1]]), (4, 3))
+    assert torch.equal(windows[0, 0], canvas[0, 0, 0:4, 3:6])
+    assert torch.equal(windows[1, 0], canvas[1, 0, 2:6, 1:4])
+    generators = [torch.Generator().manual_seed(i) for i in range(200)]
+    crop = optimize._draw_offsets(generators, PRESETS["paper"], torch.device("cpu"))
+    assert (crop.min().item(), crop.max().item()) == (0, 3)  # numpy's randint(4): never 4
+    shift = PRESETS["paper"].replace(jitter_mode="shift")
+    shifts = optimize._draw_offsets(generators, shift, torch.device("cpu"))
+    assert (shifts.min().item(), shifts.max().item()) == (-4, 4)
+
+
+def test_substrate_blur_is_in_pixels_of_the_original_photo() -> None:
+    # a 500×375 photo resized to 224²: σ 10 there is 10·224/375 rows and 10·224/500 columns
+    sigmas = original_blur_sigmas(10.0, (224, 224), [(500, 375)])
+    assert sigmas == [pytest.approx((10 * 224 / 375, 4.48))]
+    with pytest.raises(ValueError, match="positive"):
+        original_blur_sigmas(10.0, (32, 32), [(0, 10)])
+    images, seeds = _images(2), _seeds(2)
+    with pytest.raises(ValueError, match="original_sizes"):
+        make_batch_substrate(images, PAPER_FAST, seeds)
+    model = _frozen(TinyCNN())
+    with pytest.raises(ValueError, match="original_sizes"):
+        optimize_masks(model, images, torch.zeros(2, dtype=torch.long), seeds, PAPER_FAST)
+    # PAPER_FAST blurs σ 2 (5 taps) on the photo: a 64×32 photo at 32² is σ 2 by rows, 1 by
+    # columns; a 32×32 photo keeps σ 2, which is gaussian_blur's (replicate border)
+    substrate = make_batch_substrate(images, PAPER_FAST, seeds, None, [(64, 32), (32, 32)])
+    assert torch.equal(substrate[:1], gaussian_blur_per_image(images[:1], [(2.0, 1.0)], 5))
+    square = gaussian_blur(images[1:], 2.0, 5, padding_mode="replicate")
+    assert torch.allclose(substrate[1:], square, atol=1e-6)
+    assert (substrate[0] - substrate[1:]).abs().max() > 0.01
+
+
+@pytest.mark.parametrize("settings", [FAST, PAPER_FAST], ids=["seed", "paper"])
+def test_masks_are_bitwise_batch_invariant_with_a_batch_invariant_model(
+    settings: MaskSettings,
+) -> None:
+    # TinyCNN's CPU convolutions sum in a batch-size-dependent order (outputs ~1e-6 apart);
+    # with a model that is itself batch invariant the masks are bitwise equal.
+    model = _frozen(BrightRegionModel())
+    images, seeds = _images(6), _seeds(6)
+    targets = torch.zeros(6, dtype=torch.long)
+    together = optimize_masks(model, images, targets, seeds, settings, original_sizes=SIZES[:6])
+    alone = [
+        optimize_masks(
+            model,
+            images[i : i + 1],
+            targets[:1],
+            seeds[i : i + 1],
+            settings,
+            original_sizes=SIZES[i : i + 1],
+        ).masks
+        for i in range(6)
+    ]
+    assert torch.equal(together.masks, torch.cat(alone))
+
+
+def test_paper_preset_deletes_the_region_that_drives_the_score() -> None:
+    model = _frozen(BrightRegionModel(size=32, region=(8, 8, 20, 20)))
+    images = torch.full((2, 3, 32, 32), 0.9)
+    targets = torch.zeros(2, dtype=torch.long)
+    settings = PRESETS["paper"].replace(
+        iterations=80, mask_size=16, perturbation="constant", mask_blur_sigma=1.0
+    )
+    result = optimize_masks(model, images, targets, _seeds(2), settings)
+    masks = result.masks[:, 0]
+    outside_cells = torch.ones(16, 16, dtype=torch.bool)
+    outside_cells[3:11, 3:11] = False
+    # the region (cells 4..9) is deleted; elsewhere the random start is kept or grows
+    assert masks[:, 4:10, 4:10].mean() < 0.1
+    assert masks[:, outside_cells].mean() > 0.45
+    assert (result.prob_masked < 0.05).all()
+
+
+def test_upsample_masks_is_the_seed_applied_mask() -> None:
+    masks = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    settings = FAST.replace(mask_blur_sigma=1.5)
+    expected = applied_masks(masks[:, 0], (32, 32), settings)
+    assert torch.equal(upsample_masks(masks, (32, 32), 1.5)[:, 0], expected)
+    with pytest.raises(ValueError, match="B×h×w"):
+        applied_masks(masks, (32, 32), settings)
+
+
 def test_presets_match_design() -> None:
     seed, paper = PRESETS["seed"], PRESETS["paper"]
     assert (seed.iterations, seed.l1, seed.tv, seed.tv_beta, seed.noise) == (500, 0.01, 0.2, 3, 0.2)
     assert seed.perturbation == "blur-median" and seed.lr == 0.1 and seed.mask_size == 28
-    assert (paper.iterations, paper.l1, paper.l1_reduction, paper.tv) == (300, 1e-4, "sum", 1e-2)
-    assert (paper.blur_sigma, paper.jitter, paper.mask_blur_sigma) == (10.0, 4, 5.0)
+    assert (seed.l1_reduction, seed.tv_reduction, seed.tv_isotropic) == ("mean", "mean", False)
+    assert (seed.mask_init, seed.upsample, seed.jitter, seed.mask_blur_sigma) == (
+        "ones",
+        "bilinear",
+        0,
+        0.0,
+    )
+    # the released optimize_mask.py with defaults.py, term by term (see the preset's comment)
+    assert (paper.iterations, paper.lr, paper.l1, paper.l1_reduction) == (300, 0.1, 1e-4, "sum")
+    assert (paper.tv, paper.tv_beta, paper.tv_reduction, paper.tv_isotropic) == (
+        1e-2,
+        3.0,
+        "sum",
+        True,
+    )
+    assert (paper.mask_size, paper.mask_init, paper.upsample) == (28, "uniform", "nearest")
+    assert (paper.mask_blur_sigma, paper.mask_blur_gradient) == (5.0, "skip")
+    assert (paper.perturbation, paper.blur_sigma, paper.blur_kernel, paper.blur_at) == (
+        "blur",
+        10.0,
+        None,
+        "original",
+    )
+    assert (paper.jitter, paper.jitter_mode, paper.noise, paper.game) == (4, "crop", 0.0, "delete")
     assert seed.replace(iterations=None, lr=0.5).lr == 0.5
+    with pytest.raises(ValueError, match="upsample"):
+        seed.replace(upsample="bicubic")
 
 
 # ----------------------------------------------------------------------------- speed options
