@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# test-only reference: TorchRay without its unmaintained pins (the modules the tests
+	# import need only torch, numpy and matplotlib, installed above)
+	$(BIN)/pip install --quiet --no-deps torchray==1.0.0.2
 	touch $@
 
 test: install

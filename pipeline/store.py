@@ -174,6 +174,7 @@ class MaskStore:
         if fill_stored is not None:
             stored = fill_stored(stored)
         keys = compare_keys if compare_keys is not None else sorted(set(stored) | set(config))
+        config = json.loads(json.dumps(config))  # as stored: tuples become lists
         changed = [k for k in keys if stored.get(k) != config.get(k)]
         if changed:
             details = ", ".join(f"{k}: {stored.get(k)!r} -> {config.get(k)!r}" for k in changed)

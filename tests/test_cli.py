@@ -82,6 +82,25 @@ def test_run_writes_masks_report_and_failures(class_folders, tmp_path) -> None:
     assert failures["reason"].str.len().min() > 0
 
 
+def test_extremal_preset_run_scores_full_masks_and_reruns(class_folders, tmp_path) -> None:
+    """--preset torchray-voc implies extremal; its areas (a tuple) survive the JSON round trip
+    of a rerun; the stored grid parameters rebuild the masks the metrics scored."""
+    out = tmp_path / "extremal"
+    small = ["--iterations", "3", "--step", "64", "--baselines", "none", "--limit", "2"]
+    base = ["run", str(class_folders), "-o", str(out), *TINY_OPTIONS, "--preset", "torchray-voc"]
+    first = CliRunner().invoke(main, [*base, *small, "--batch-size", "2"])
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(main, [*base, *small, "--batch-size", "2"])
+    assert again.exit_code == 0 and "0 masks written" in again.output, again.output
+    with h5py.File(out / "masks.h5", "r") as file:
+        config = json.loads(file.attrs["config"])
+        assert config["method"] == "extremal" and config["preset"] == "torchray-voc"
+        assert config["mask"]["areas"] == [0.025, 0.05, 0.1, 0.2]
+        assert config["evaluation"]["smooth"] == 0.09
+        assert file["params"].shape == (2, 4, 5, 5)  # ⌈32 / 7⌉ grid points per side
+        assert file["masks"].shape == (2, 4, 56, 56)
+
+
 def test_rerun_does_no_work_and_changed_settings_are_refused(class_folders, tmp_path) -> None:
     out = tmp_path / "out"
     base = ["run", str(class_folders), "-o", str(out), "--model", TINY, *FAST]
