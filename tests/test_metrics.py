@@ -628,3 +628,41 @@ def test_cuda_matches_cpu():
     assert torch.equal(
         M.saliency_order(sal.cuda(), (16, 16)).cpu(), M.saliency_order(sal, (16, 16))
     )
+
+
+@pytest.mark.parametrize("smooth", [0.0, 0.09])
+def test_pointing_equals_torchray_pointing_game(smooth):
+    """Side by side with TorchRay's PointingGame and its benchmark's point (resize_saliency,
+    imsmooth with σ = smooth·min(H, W), argmax): random maps and boxes, several sizes."""
+    pointing_game_module = pytest.importorskip("torchray.benchmark.pointing_game")
+    from torchray.attribution.common import resize_saliency
+    from torchray.utils import imsmooth
+
+    g = torch.Generator().manual_seed(7)
+    game = pointing_game_module.PointingGame(num_classes=1, tolerance=15)
+    checked = hits = 0
+    for width, height in [(60, 45), (37, 80), (100, 100)]:
+        for _ in range(15):
+            saliency = torch.rand(1, 7, 7, generator=g)
+            corner = torch.rand(2, generator=g) * torch.tensor([width, height])
+            extent = 1 + torch.rand(2, generator=g) * 12
+            xmin, ymin = corner.floor().tolist()
+            xmax = min(width - 1, int(xmin + extent[0]))
+            ymax = min(height - 1, int(ymin + extent[1]))
+            box = torch.tensor([[xmin, ymin, xmax, ymax]], dtype=torch.float64)
+            points = M.pointing_points(saliency, [(width, height)], smooth=smooth)
+            ours = M.pointing_hits(points, [box], tolerance=15.0)[0].item()
+            # TorchRay: resize to (width, height), smooth, first maximum, PointingGame
+            theirs_map = resize_saliency(None, saliency[None], (width, height), "bilinear")
+            if smooth > 0:
+                sigma = smooth * min(theirs_map.shape[2:])
+                theirs_map = imsmooth(theirs_map, sigma=sigma, padding_mode="constant")
+            flat = int(theirs_map.flatten().argmax())
+            point = (flat % width, flat // width)
+            assert tuple(points[0].long().tolist()) == point
+            mask = torch.zeros(height, width, dtype=torch.bool)
+            mask[int(ymin) : ymax + 1, int(xmin) : xmax + 1] = True
+            theirs = game.evaluate(mask, point) == 1
+            assert ours == float(theirs)
+            checked, hits = checked + 1, hits + int(theirs)
+    assert checked == 45 and 0 < hits < 45  # both outcomes occur
