@@ -404,7 +404,8 @@ def extremal_masks(
         loss = (weight * area_loss(extended, references) - reward).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward(inputs=[params])
-        last = (params.detach().clone(), masks.detach(), extended.detach())
+        if iteration == settings.iterations - 1:  # the masks TorchRay returns
+            last = (params.detach().clone(), masks.detach(), extended.detach())
         optimizer.step()
         with torch.no_grad():
             params.clamp_(0, 1)

@@ -56,21 +56,8 @@ def gaussian_blur(
     `padding_mode` is passed to F.pad: "reflect" (OpenCV's default border, what the seed
     used), "replicate", or "zeros" (constant 0).
     """
-    if sigma <= 0:
-        return images
-    batch, channels, height, width = images.shape
-    kernel_size = kernel_size or default_kernel_size(sigma)
-    if padding_mode == "reflect":
-        kernel_size = _fit_kernel(kernel_size, height, width)
-    taps = gaussian_kernel1d(kernel_size, sigma, device=images.device).to(images.dtype)
-    pad = kernel_size // 2
-    mode = "constant" if padding_mode == "zeros" else padding_mode
-    x = images.reshape(batch * channels, 1, height, width)
-    x = F.pad(x, (pad, pad, 0, 0), mode=mode)
-    x = F.conv2d(x, taps.view(1, 1, 1, -1))
-    x = F.pad(x, (0, 0, pad, pad), mode=mode)
-    x = F.conv2d(x, taps.view(1, 1, -1, 1))
-    return x.reshape(batch, channels, height, width)
+    x = _blur_axis(images, sigma, kernel_size, padding_mode, vertical=False)
+    return _blur_axis(x, sigma, kernel_size, padding_mode, vertical=True)
 
 
 def gaussian_blur_per_image(
