@@ -1,4 +1,8 @@
-"""The `mpbatch` command line: parse options, call the pipeline, print one-line errors."""
+"""The `mpbatch` command line: parse options, call the pipeline, print one-line errors.
+
+Which methods, presets and method settings exist is the registry's (pipeline.methods): the
+options are built from it, so this file names no method.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,8 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
-from pipeline.extremal import EXTREMAL_PRESETS
-from pipeline.optimize import GAMES, PERTURBATIONS, PRESETS
+from pipeline.configuration import comparisons
+from pipeline.methods import DEFAULT_METHOD, method_names, option_flags, preset_names
 
 
 def _user_errors(function):
@@ -20,7 +24,7 @@ def _user_errors(function):
     def wrapper(*args, **kwargs):
         from pipeline.datasets import DatasetError
         from pipeline.models import ModelError
-        from pipeline.runner import EXIT_INTERRUPTED, Interrupted
+        from pipeline.stopping import EXIT_INTERRUPTED, Interrupted
         from pipeline.store import StoreError
 
         try:
@@ -39,75 +43,119 @@ def _user_errors(function):
     return wrapper
 
 
-def _dataset_options(function):
-    """Options shared by `run` and `evaluate`: where labels and boxes come from (DESIGN §3)."""
-    options = [
-        click.option(
-            "--labels-csv",
-            type=click.Path(path_type=Path),
-            default=None,
-            help="LOC_val_solution.csv (default: found in or next to DATA).",
-        ),
-        click.option(
-            "--synset-mapping",
-            type=click.Path(path_type=Path),
-            default=None,
-            help="LOC_synset_mapping.txt (default: found in or next to DATA).",
-        ),
-        click.option(
-            "--boxes",
-            "boxes_dir",
-            type=click.Path(path_type=Path),
-            default=None,
-            help="Folder of per-image box XMLs (ILSVRC / PASCAL VOC style).",
-        ),
-    ]
+def _apply(function, options: list):
     for option in reversed(options):
         function = option(function)
     return function
+
+
+def _shared_options(function):
+    """Options shared by `run` and `evaluate`: the model, the images and how they are read."""
+    return _apply(
+        function,
+        [
+            click.option(
+                "--weights", default=None, help="Weights file (state dict) for the model."
+            ),
+            click.option(
+                "--target",
+                type=click.Choice(["label", "predicted"]),
+                default="label",
+                show_default=True,
+                help="Explain the ground-truth class (where known) or the top-1.",
+            ),
+            click.option(
+                "--workers", type=int, default=2, show_default=True, help="DataLoader workers."
+            ),
+            click.option(
+                "--device",
+                type=click.Choice(["auto", "cpu", "cuda"]),
+                default="auto",
+                show_default=True,
+            ),
+            click.option(
+                "--name",
+                default=None,
+                help="The maps' row label in summaries and `mpbatch report` (default: the method).",
+            ),
+            click.option(
+                "--labels-csv",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="LOC_val_solution.csv (default: found in or next to DATA).",
+            ),
+            click.option(
+                "--synset-mapping",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="LOC_synset_mapping.txt (default: found in or next to DATA).",
+            ),
+            click.option(
+                "--boxes",
+                "boxes_dir",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="Folder of per-image box XMLs (ILSVRC / PASCAL VOC style).",
+            ),
+            click.option("--quiet", is_flag=True, help="No progress bar."),
+        ],
+    )
 
 
 def _evaluation_options(function):
     """Options shared by `run` and `evaluate`: the scoring protocol (DESIGN §4)."""
-    options = [
-        click.option(
-            "--step",
-            type=int,
-            default=224,
-            show_default=True,
-            help="Pixels changed per deletion/insertion step.",
-        ),
-        click.option(
-            "--tolerance",
-            type=float,
-            default=15.0,
-            show_default=True,
-            help="Pointing-game tolerance in pixels of the original image.",
-        ),
-        click.option(
-            "--eval-batch-size",
-            type=int,
-            default=None,
-            help="Step images scored per forward pass (default: 128 on a GPU, 1 on CPU).",
-        ),
-        click.option(
-            "--baselines",
-            default="center,random",
-            show_default=True,
-            help="Baselines scored beside the method (comma-separated; 'none').",
-        ),
-        click.option(
-            "--smooth",
-            type=float,
-            default=None,
-            help="Pointing game: blur the map with a Gaussian of sigma SMOOTH x min(H, W) of "
-            "the original image before its argmax, as TorchRay's benchmark (0.09). Default: "
-            "0.09 for extremal masks, 0 otherwise.",
-        ),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+    return _apply(
+        function,
+        [
+            click.option(
+                "--step",
+                type=int,
+                default=224,
+                show_default=True,
+                help="Pixels changed per deletion/insertion step.",
+            ),
+            click.option(
+                "--tolerance",
+                type=float,
+                default=15.0,
+                show_default=True,
+                help="Pointing-game tolerance in pixels of the original image.",
+            ),
+            click.option(
+                "--eval-batch-size",
+                type=int,
+                default=None,
+                help="Step images scored per forward pass (default: 128 on a GPU, 1 on CPU).",
+            ),
+            click.option(
+                "--baselines",
+                default=",".join(comparisons()),
+                show_default=True,
+                help="Comparison rows scored beside the maps (comma-separated; 'none'): the "
+                "centre and random baselines and cheap methods.",
+            ),
+            click.option(
+                "--smooth",
+                type=float,
+                default=None,
+                help="Pointing game: blur the map with a Gaussian of sigma SMOOTH x min(H, W) "
+                "of the original image before its argmax, as TorchRay's benchmark (0.09). "
+                "Default: the method's (0.09 for extremal, else 0).",
+            ),
+        ],
+    )
+
+
+def _method_options(function):
+    """One --flag per method setting that some registered method exposes."""
+    options = []
+    for name, (text, choices) in option_flags().items():
+        flag = "--" + name.replace("_", "-")
+        kind = click.Choice(choices) if choices else None
+        options.append(
+            click.option(flag, name, default=None, type=kind, metavar="VALUE", help=text)
+        )
+    return _apply(function, options)
 
 
 def _batch_size(value: str) -> int | str:
@@ -122,27 +170,8 @@ def _batch_size(value: str) -> int | str:
     return number
 
 
-def _method_overrides(method: str, options: dict) -> dict:
-    """The method options given on the command line; refuses those the method has not."""
-    import dataclasses
-
-    from pipeline.extremal import ExtremalSettings
-    from pipeline.optimize import MaskSettings
-
-    given = {k: v for k, v in options.items() if v is not None}
-    if "areas" in given:
-        given["areas"] = tuple(float(a) for a in given["areas"].split(","))
-    settings = ExtremalSettings if method == "extremal" else MaskSettings
-    known = {f.name for f in dataclasses.fields(settings)}
-    foreign = sorted(set(given) - known)
-    if foreign:
-        flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
-        raise click.UsageError(f"{flags} does not apply to --method {method}")
-    return given
-
-
 def _eval_options(step, tolerance, eval_batch_size, baselines, smooth):
-    from pipeline.runner import EvalOptions
+    from pipeline.configuration import EvalOptions
 
     names = tuple(b for b in baselines.split(",") if b and b != "none")
     return EvalOptions(
@@ -174,76 +203,25 @@ def main() -> None:
     help="efficientnet_lite0, a torchvision name (vgg19, resnet50, ...), "
     "timm:NAME, or module.path:function.",
 )
-@click.option("--weights", default=None, help="Weights file (state dict) for the model.")
-@click.option(
-    "--preset",
-    type=click.Choice(sorted(PRESETS) + sorted(EXTREMAL_PRESETS)),
-    default=None,
-    help="Hyperparameter preset; the options below override it. Meaningful perturbations: "
-    "seed (default), paper. Extremal: torchray-voc (default), torchray-coco (TorchRay's "
-    "pointing benchmark, areas for VOC / COCO).",
-)
-@click.option("--iterations", type=int, help="Optimisation steps per mask.")
-@click.option("--lr", type=float, help="Adam learning rate.")
-@click.option("--l1", type=float, help="Weight of the area term |1 - m|.")
-@click.option("--tv", type=float, help="Weight of the total-variation term.")
-@click.option("--tv-beta", type=float, help="Exponent β of the total-variation term.")
-@click.option("--mask-size", type=int, help="Mask resolution (square).")
-@click.option("--noise", type=float, help="Std of the noise added each step (normalised space).")
-@click.option("--perturbation", type=click.Choice(PERTURBATIONS), help="Perturbation substrate.")
-@click.option(
-    "--blur-sigma",
-    type=float,
-    help="Sigma of the Gaussian blur (blur-pyramid: of its strongest level).",
-)
-@click.option(
-    "--game",
-    type=click.Choice(GAMES),
-    default=None,
-    help="delete (default): the smallest region whose removal drops the score; "
-    "preserve: the smallest region that alone keeps it.",
-)
-@click.option("--jitter", type=int, help="Random shift of the perturbed image, in pixels.")
-@click.option("--mask-blur-sigma", type=float, help="Blur of the upsampled mask.")
-@click.option("--seed", type=int, help="Run seed; each image's noise is seeded by it and its path.")
 @click.option(
     "--method",
-    type=click.Choice(["meaningful", "extremal"]),
+    type=click.Choice(method_names()),
     default=None,
-    help="Meaningful perturbations (Fong & Vedaldi 2017, the default) or extremal "
-    "perturbations (2019; the default for a torchray-* preset).",
-)
-@click.option("--areas", default=None, help="Extremal: target areas (default 0.025,0.05,0.1,0.2).")
-@click.option(
-    "--variant",
-    type=click.Choice(["preserve", "delete", "dual"]),
-    default=None,
-    help="Extremal: which game (default preserve).",
+    help=f"The saliency method (default: the preset's, else {DEFAULT_METHOD}).",
 )
 @click.option(
-    "--reward",
-    type=click.Choice(["simple", "contrastive"]),
+    "--preset",
+    type=click.Choice(preset_names()),
     default=None,
-    help="Extremal: logit of the target, or target minus the best other class.",
+    help="Hyperparameter preset (implies its method); the options below override it.",
 )
-@click.option(
-    "--temperature",
-    type=float,
-    default=None,
-    help="Extremal: temperature of the mask's smooth max (0.05 = TorchRay's coldness 20).",
-)
+@_method_options
 @click.option(
     "--area",
     type=int,
     default=None,
-    help="Extremal: score the mask of this area (index); default the sum over areas.",
-)
-@click.option(
-    "--target",
-    type=click.Choice(["label", "predicted"]),
-    default="label",
-    show_default=True,
-    help="Explain the ground-truth class (where known) or the top-1.",
+    help="Methods with several masks per image (extremal): score this one (index); "
+    "default the sum.",
 )
 @click.option("--size", type=int, default=224, show_default=True, help="Input size (square).")
 @click.option(
@@ -251,20 +229,16 @@ def main() -> None:
     default="auto",
     show_default=True,
     callback=lambda ctx, param, value: _batch_size(value),
-    help="Images optimised together, or 'auto': the largest that fits the GPU, up to 128 "
+    help="Images explained together, or 'auto': the largest that fits the GPU, up to 128 "
     "(8 on CPU).",
 )
-@click.option("--workers", type=int, default=2, show_default=True, help="DataLoader workers.")
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
 @click.option("--limit", type=int, default=None, help="Process only the first N images.")
-@_dataset_options
+@_shared_options
 @click.option(
     "--metrics/--no-metrics",
     default=True,
     show_default=True,
-    help="Score the masks (deletion, insertion, pointing game) as they are made.",
+    help="Score the maps (deletion, insertion, pointing game) as they are made.",
 )
 @_evaluation_options
 @click.option(
@@ -273,7 +247,8 @@ def main() -> None:
     default="auto",
     show_default=True,
     help="Model forward in bf16 (mask, loss and Adam stay fp32); auto picks what "
-    "benchmarks/bench_optimize.py measured fastest for the device and model.",
+    "benchmarks/bench_optimize.py measured fastest for the device and model. Methods that "
+    "run in float32 only refuse bf16.",
 )
 @click.option(
     "--compile",
@@ -303,79 +278,35 @@ def main() -> None:
     help="Skip undecodable images (listed in failures.csv) or stop.",
 )
 @click.option("--overwrite", is_flag=True, help="Start over instead of resuming OUT.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
-def run(
-    data,
-    out,
-    model,
-    weights,
-    preset,
-    target,
-    size,
-    batch_size,
-    workers,
-    device,
-    limit,
-    labels_csv,
-    synset_mapping,
-    boxes_dir,
-    metrics,
-    step,
-    tolerance,
-    eval_batch_size,
-    baselines,
-    smooth,
-    precision,
-    compile_model,
-    cuda_graphs,
-    shard,
-    on_error,
-    method,
-    area,
-    overwrite,
-    quiet,
-    **mask_options,
-) -> None:
-    """Learn a mask for every image of DATA and write OUT/masks.h5 and OUT/report.csv.
+def run(data, out, metrics, step, tolerance, eval_batch_size, baselines, smooth, **options) -> None:
+    """Explain every image of DATA and write OUT/masks.h5 and OUT/report.csv.
 
-    Rerunning the same command resumes. SIGTERM or SIGUSR1 finish the current batch, write
-    what is done and exit with status 75, so a requeued job continues where it stopped.
+    Rerunning the same command resumes. SIGTERM or SIGUSR1 stop within an iteration (the
+    unfinished batch is dropped), write what is done and exit with status 75, so a requeued
+    job continues where it stopped.
     """
-    from pipeline.runner import RunOptions, describe
-    from pipeline.runner import run as run_pipeline
+    from pipeline.configuration import RunOptions
+    from pipeline.methods import method_for_preset, parse_overrides
+    from pipeline.run import describe
+    from pipeline.run import run as run_pipeline
 
-    method = method or ("extremal" if preset in EXTREMAL_PRESETS else "meaningful")
-    options = RunOptions(
+    settings = {name: options.pop(name) for name in option_flags()}
+    method = options.pop("method") or method_for_preset(options["preset"])
+    quiet, compile_model = options.pop("quiet"), options.pop("compile_model")
+    run_options = RunOptions(
         data=data,
         out=out,
-        model=model,
-        weights=weights,
-        preset=preset,
-        overrides=_method_overrides(method, mask_options),
-        size=size,
-        target=target,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        limit=limit,
-        labels_csv=labels_csv,
-        synset_mapping=synset_mapping,
-        boxes_dir=boxes_dir,
-        overwrite=overwrite,
-        progress=not quiet,
-        precision=precision,
-        compile=compile_model or cuda_graphs,
-        cuda_graphs=cuda_graphs,
-        shard=shard,
-        on_error=on_error,
         method=method,
-        area=area,
+        overrides=parse_overrides(method, settings),
+        progress=not quiet,
+        compile=compile_model or options["cuda_graphs"],
         evaluation=(
             _eval_options(step, tolerance, eval_batch_size, baselines, smooth) if metrics else None
         ),
+        **options,
     )
-    click.echo(describe(run_pipeline(options)))
+    click.echo(describe(run_pipeline(run_options)))
 
 
 @main.command()
@@ -385,14 +316,31 @@ def run(
     "--dest",
     type=click.Path(path_type=Path),
     required=True,
-    help="Folder for the PNG figures.",
+    help="Folder for the PNG figures (with --html: for index.html and its thumbnails).",
 )
-@click.option("--limit", type=int, default=None, help="Draw only the first N images.")
+@click.option("--limit", type=int, default=None, help="Draw only N images (--html: 100).")
+@click.option(
+    "--html",
+    is_flag=True,
+    help="Write a sortable, filterable gallery DEST/index.html instead of PNG figures.",
+)
+@click.option(
+    "--sort",
+    default="deletion_auc",
+    show_default=True,
+    help="With --html: the column that picks the images (the highest first; see --ascending).",
+)
+@click.option("--ascending", is_flag=True, help="With --html: the lowest --sort values first.")
 @_user_errors
-def show(out, dest, limit) -> None:
-    """Draw image, perturbed image and saliency for each image of a run in OUT."""
-    from pipeline.runner import render_figures
+def show(out, dest, limit, html, sort, ascending) -> None:
+    """Draw image, perturbed image and saliency for the images of a run in OUT."""
+    from pipeline.visualize import render_figures, render_gallery
 
+    if html:
+        count = 100 if limit is None else limit
+        page = render_gallery(out, dest, sort=sort, descending=not ascending, limit=count)
+        click.echo(f"gallery written to {page}")
+        return
     written = render_figures(out, dest, limit=limit)
     click.echo(f"{len(written)} figures written to {dest}")
 
@@ -426,76 +374,29 @@ def show(out, dest, limit) -> None:
     help="Score a baseline instead of saliency maps.",
 )
 @click.option("--model", default=None, help="Model (default: the run's, else efficientnet_lite0).")
-@click.option("--weights", default=None, help="Weights file (state dict) for the model.")
-@click.option(
-    "--target",
-    type=click.Choice(["label", "predicted"]),
-    default="label",
-    show_default=True,
-    help="For foreign maps: explain the label or the top-1 class.",
-)
 @click.option("--size", type=int, default=None, help="Input size (default: the run's, or 224).")
 @click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True)
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
-@_dataset_options
+@_shared_options
 @_evaluation_options
-@click.option("--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
-def evaluate(
-    source,
-    data,
-    out,
-    paths_file,
-    baseline,
-    model,
-    weights,
-    target,
-    size,
-    batch_size,
-    workers,
-    device,
-    labels_csv,
-    synset_mapping,
-    boxes_dir,
-    step,
-    tolerance,
-    eval_batch_size,
-    baselines,
-    smooth,
-    quiet,
-) -> None:
+def evaluate(source, quiet, step, tolerance, eval_batch_size, baselines, smooth, **options):
     """Score saliency maps: deletion/insertion AUCs and the pointing game.
 
-    SOURCE is an mpbatch run (folder or masks.h5; its metrics are recomputed in place), an
-    HDF5 file with datasets `path` and `saliency` (N×h×w, higher = more important), or an
-    .npy array with --paths. Without SOURCE, --baseline scores a baseline on DATA.
+    SOURCE is an mpbatch run (folder or masks.h5; its metrics are recomputed in place and
+    the model and size that scored them recorded), an HDF5 file with datasets `path` and
+    `saliency` (N×h×w, higher = more important), or an .npy array with --paths. Without
+    SOURCE, --baseline scores a baseline on DATA.
     """
-    from pipeline.runner import EvaluateOptions
-    from pipeline.runner import evaluate as evaluate_maps
+    from pipeline.evaluate import EvaluateOptions
+    from pipeline.evaluate import evaluate as evaluate_maps
 
-    options = EvaluateOptions(
+    evaluate_options = EvaluateOptions(
         source=source,
-        data=data,
-        out=out,
-        paths_file=paths_file,
-        baseline=baseline,
-        model=model,
-        weights=weights,
-        target=target,
-        size=size,
-        batch_size=batch_size,
-        workers=workers,
-        device=device,
-        labels_csv=labels_csv,
-        synset_mapping=synset_mapping,
-        boxes_dir=boxes_dir,
         progress=not quiet,
         evaluation=_eval_options(step, tolerance, eval_batch_size, baselines, smooth),
+        **options,
     )
-    scored = evaluate_maps(options)
+    scored = evaluate_maps(evaluate_options)
     click.echo(f"scores written to {scored} and {scored.parent / 'report.csv'}")
 
 
@@ -504,7 +405,7 @@ def evaluate(
 @_user_errors
 def merge(out) -> None:
     """Join the shard files OUT/masks-IIIII-of-NNNNN.h5 into OUT/masks.h5 and the reports."""
-    from pipeline.runner import merge as merge_shards
+    from pipeline.shards import merge as merge_shards
 
     merged = merge_shards(out)
     click.echo(f"merged into {merged}")
@@ -520,12 +421,18 @@ def merge(out) -> None:
     show_default=True,
     help="Where to write the comparison as CSV (and .md beside it).",
 )
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    help="A label per run, in order (default: the folder names).",
+)
 @_user_errors
-def report(runs, output) -> None:
+def report(runs, output, names) -> None:
     """Compare the summaries of several runs side by side (one row per run and method)."""
     from pipeline.report import compare_runs, markdown_table
 
-    table = compare_runs(list(runs))
+    table = compare_runs(list(runs), list(names) or None)
     click.echo(markdown_table(table))
     table.to_csv(output, index=False)
     Path(output).with_suffix(".md").write_text(markdown_table(table))

@@ -1,7 +1,7 @@
 """Fidelity of the fast paths: masks made with bf16 autocast and/or torch.compile against the
 float32 eager masks of the same images, and the summary metrics of each.
 
-Runs ``pipeline.runner.run`` once per variant on the same images (same seeds, same targets),
+Runs ``pipeline.run.run`` once per variant on the same images (same seeds, same targets),
 each into its own folder under ``--work``, with deletion / insertion / pointing scored as usual
 (no baselines). Then, per variant against ``fp32``:
 
@@ -33,7 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.runner import EvalOptions, RunOptions, run  # noqa: E402
+from pipeline.configuration import EvalOptions, RunOptions  # noqa: E402
+from pipeline.run import run  # noqa: E402
 from pipeline.store import read_columns  # noqa: E402
 
 # variant name -> (precision, torch.compile, CUDA graphs)

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from .errors import one_line
+
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 # Decoded images above this many pixels are reduced (JPEG: DCT-domain draft at 1/2, 1/4 or
@@ -150,7 +152,7 @@ def read_synset_mapping(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
-        raise DatasetError(f"{path}: cannot read synset mapping ({_one_line(exc)})") from None
+        raise DatasetError(f"{path}: cannot read synset mapping ({one_line(exc)})") from None
     wnids: list[str] = []
     names: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -237,11 +239,6 @@ def discover(
         _apply_xml_boxes(xml_dir, samples)
         layout = "voc_xml" if layout == "unlabelled" else f"{layout}+voc_xml"
     return samples, layout
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _list_dir(path: Path) -> list[Path]:
@@ -411,9 +408,9 @@ def _read_loc_csv(csv_path: Path) -> Iterator[tuple[str, str, tuple[Box, ...]]]:
                 seen.add(image_id)
                 yield where, image_id, _parse_boxes(row[1].split(), where)
     except OSError as exc:
-        raise DatasetError(f"{csv_path}: cannot read ({_one_line(exc)})") from None
+        raise DatasetError(f"{csv_path}: cannot read ({one_line(exc)})") from None
     except csv.Error as exc:
-        raise DatasetError(f"{csv_path}: malformed csv ({_one_line(exc)})") from None
+        raise DatasetError(f"{csv_path}: malformed csv ({one_line(exc)})") from None
 
 
 def _set_label(sample: Sample, label: int, where: str) -> None:
@@ -490,9 +487,9 @@ def parse_voc_xml(path: str | os.PathLike) -> tuple[tuple[Box, ...], int, int]:
     try:
         tree = ET.parse(path)
     except ET.ParseError as exc:
-        raise DatasetError(f"{path}: malformed XML ({_one_line(exc)})") from None
+        raise DatasetError(f"{path}: malformed XML ({one_line(exc)})") from None
     except OSError as exc:
-        raise DatasetError(f"{path}: cannot read ({_one_line(exc)})") from None
+        raise DatasetError(f"{path}: cannot read ({one_line(exc)})") from None
     node = tree.getroot()
     if node.tag != "annotation":
         raise DatasetError(f"{path}: malformed annotation (root element is <{node.tag}>)")
@@ -575,7 +572,7 @@ def decode_image(
     except MemoryError:
         raise ImageDecodeError("out of memory while decoding") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ...
-        raise ImageDecodeError(f"cannot decode ({type(exc).__name__}: {_one_line(exc)})") from None
+        raise ImageDecodeError(f"cannot decode ({type(exc).__name__}: {one_line(exc)})") from None
     array = np.array(rgb, dtype=np.uint8)  # H×W×3, writable copy
     tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
     return tensor.to(torch.float32).div_(255.0), width, height

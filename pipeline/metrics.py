@@ -48,7 +48,7 @@ Pointing game (Zhang et al., 2016; TorchRay's ``pointing_game.py``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -248,6 +248,7 @@ def perturbation_curves(
     mode: str,
     protocol: CurveProtocol = CurveProtocol(),
     eval_batch_size: int = 256,
+    on_chunk: Callable[[], None] | None = None,
 ) -> Tensor:
     """Deletion or insertion curves.
 
@@ -262,6 +263,7 @@ def perturbation_curves(
     a per-pixel rank map (pixel p is changed at step k when rank(p) < k·step) and scored in
     chunks of ``eval_batch_size`` images under ``torch.inference_mode()``; the result does
     not depend on ``eval_batch_size`` beyond floating-point batching effects of the model.
+    ``on_chunk`` is called after each chunk (a caller's stop check may raise there).
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -302,6 +304,8 @@ def perturbation_curves(
             logits = model(x)
             probs = torch.softmax(logits.to(out_dtype), dim=1)
             scores.append(probs.gather(1, targets[bi][:, None])[:, 0])
+            if on_chunk is not None:
+                on_chunk()
         curves = torch.cat(scores).view(b, n + 1)
     # A normal (non-inference) tensor, so callers may modify it in place.
     return curves.clone()
@@ -584,6 +588,7 @@ def score_saliency(
     eval_batch_size: int = 256,
     points: Tensor | None = None,
     smooth: float = 0.0,
+    on_chunk: Callable[[], None] | None = None,
 ) -> dict[str, Tensor]:
     """Deletion and insertion curves and AUCs, pointing hit and energy for one batch.
 
@@ -591,7 +596,8 @@ def score_saliency(
     K×4 tensor of the target class's boxes or None; original_sizes: (width, height) per
     image. `points` (B×2, x/y in original pixels) replaces the saliency's argmax in the
     pointing game (the centre baseline points at the image centre); `smooth` blurs the
-    map before its argmax (pointing_points). Returns CPU tensors:
+    map before its argmax (pointing_points); `on_chunk` as in perturbation_curves. Returns
+    CPU tensors:
     deletion_curve, insertion_curve (B×(N+1)), deletion_auc, insertion_auc, pointing_hit,
     pointing_energy (B; NaN where an image has no boxes).
     """
@@ -605,6 +611,7 @@ def score_saliency(
             mode=mode,
             protocol=protocol,
             eval_batch_size=eval_batch_size,
+            on_chunk=on_chunk,
         )
         columns[f"{mode}_curve"] = curves.float().cpu()
         columns[f"{mode}_auc"] = auc(curves).float().cpu()

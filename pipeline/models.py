@@ -31,6 +31,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from .errors import one_line
+
 __all__ = [
     "DEFAULT_MODEL",
     "IMAGENET_MEAN",
@@ -172,7 +174,7 @@ class NormalizedClassifier(nn.Module):
         except Exception as exc:
             raise ModelError(
                 f"model '{self.name}': cannot tell its number of classes (a 1×3×224×224 probe "
-                f"failed: {_oneline(exc)}); give the module a class_names attribute"
+                f"failed: {one_line(exc, with_type=True)}); give the module a class_names attribute"
             ) from None
         if logits.ndim != 2:
             raise ModelError(
@@ -276,7 +278,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types
         raise ModelError(
-            f"cannot read weights file {p} as a state dict ({_oneline(exc)})"
+            f"cannot read weights file {p} as a state dict ({one_line(exc, with_type=True)})"
         ) from None
     if isinstance(obj, Mapping):
         for wrapper_key in ("state_dict", "model", "state_dict_ema", "model_state_dict"):
@@ -386,7 +388,8 @@ def _load_torchvision(name: str, weights: str | os.PathLike | None) -> Normalize
             model = tvm.get_model(name, weights=enum)  # reads the cached file, no network
         except Exception as exc:
             raise ModelError(
-                f"cannot load the cached weights {cached} for '{name}' ({_oneline(exc)}); "
+                f"cannot load the cached weights {cached} for '{name}' "
+                f"({one_line(exc, with_type=True)}); "
                 "delete the file to download it again, or pass --weights FILE"
             ) from None
         source = f"torchvision {enum}"
@@ -409,7 +412,8 @@ def _ensure_hub_checkpoint(name: str, url: str) -> Path:
         torch.hub.download_url_to_file(url, str(dst), match.group(1) if match else None)
     except Exception as exc:  # URLError, HTTPError, timeouts, hash mismatch, read-only cache...
         raise ModelError(
-            f"cannot download weights for '{name}' ({_oneline(exc)}): expected {dst.name} in "
+            f"cannot download weights for '{name}' ({one_line(exc, with_type=True)}): "
+            f"expected {dst.name} in "
             f"{dst.parent} (TORCH_HOME/hub/checkpoints); copy it there from {url} "
             "or pass --weights FILE"
         ) from None
@@ -428,7 +432,8 @@ def _load_timm(
             model = timm.create_model(arch, pretrained=True)
         except Exception as exc:  # hub / HTTP / missing-file errors of several libraries
             raise ModelError(
-                f"cannot fetch pretrained weights for '{full_name}' ({_oneline(exc, 160)}); "
+                f"cannot fetch pretrained weights for '{full_name}' "
+                f"({one_line(exc, 160, with_type=True)}); "
                 f"{_timm_source(arch)}; offline, pass --weights FILE (a state dict) or set "
                 "HF_HUB_OFFLINE=1 with a filled Hugging Face cache"
             ) from None
@@ -497,7 +502,9 @@ def _load_callable(name: str, weights: str | os.PathLike | None) -> NormalizedCl
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ModelError(f"model '{name}': cannot import {module_name} ({_oneline(exc)})") from None
+        raise ModelError(
+            f"model '{name}': cannot import {module_name} ({one_line(exc, with_type=True)})"
+        ) from None
     factory: Any = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
@@ -529,7 +536,9 @@ def _call_factory(name: str, factory: Callable[[], Any]) -> Any:
     except ModelError:
         raise
     except Exception as exc:
-        raise ModelError(f"model '{name}': calling it failed ({_oneline(exc)})") from exc
+        raise ModelError(
+            f"model '{name}': calling it failed ({one_line(exc, with_type=True)})"
+        ) from exc
 
 
 # --------------------------------------------------------------------------- helpers
@@ -571,10 +580,3 @@ def _listing(items: Sequence[str], limit: int = 5) -> str:
     shown = ", ".join(items[:limit])
     more = len(items) - limit
     return f"{shown} (+{more} more)" if more > 0 else shown
-
-
-def _oneline(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}"

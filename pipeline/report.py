@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from .store import read_columns, read_failures
+from .store import MASKS_FILE, SCORES_FILE, read_columns, read_failures
 
 # Per-image columns in the order they appear in report.csv (those present in the file).
 REPORT_COLUMNS = [
@@ -63,13 +63,31 @@ def write_failures_csv(masks_file: str | Path, failures_file: str | Path) -> pd.
 # Metric summaries: bootstrap confidence intervals, per-method tables, run comparisons
 # --------------------------------------------------------------------------------------
 
-MASKS_FILE = "masks.h5"
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
 CURVES_PNG = "curves.png"
 
 METRICS = ("deletion_auc", "insertion_auc", "pointing_hit", "pointing_energy")
-METHODS = ("method", "center", "random")
+METHODS = ("method", "center", "random")  # the unprefixed map's key, then the baselines
+
+
+def comparison_rows(columns: dict[str, np.ndarray]) -> tuple[str, ...]:
+    """ "method" (the unprefixed metric columns) and every prefix P with a `P_deletion_auc`
+    or `P_pointing_hit` column: the baselines first, then the comparison methods."""
+    found = {
+        name[: -len(suffix)]
+        for name in columns
+        for suffix in ("_deletion_auc", "_pointing_hit")
+        if name.endswith(suffix) and len(name) > len(suffix)
+    }
+    ordered = [m for m in METHODS[1:] if m in found] + sorted(found - set(METHODS))
+    return ("method", *ordered)
+
+
+def row_label(config: dict) -> str:
+    """How the unprefixed map is labelled in summaries: the run's name, else its method."""
+    return str(config.get("name") or config.get("method") or "method")
+
 
 # Summary column -> (per-image column, row selection); "boxes" = images with a finite hit.
 _CI_COLUMNS = (
@@ -171,15 +189,17 @@ def _small_rows(columns: dict[str, np.ndarray], rows: int) -> np.ndarray:
 
 def summary_table(
     columns: dict[str, np.ndarray],
-    methods: tuple[str, ...] = METHODS,
+    methods: tuple[str, ...] | None = None,
     *,
+    label: str = "method",
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> pd.DataFrame:
     """One row per method present, with bootstrap 95% intervals (`*_low`, `*_high`).
 
     "method" reads the unprefixed metric columns (deletion_auc, insertion_auc, pointing_hit,
-    pointing_energy); any other name B reads `B_deletion_auc` etc. A method is present when
+    pointing_energy) and is labelled `label`; any other name B reads `B_deletion_auc` etc.
+    (default: comparison_rows, every prefix present). A method is present when
     at least one of its metric columns is. `images` counts rows with a finite deletion AUC;
     pointing accuracy (micro and macro over `target` classes) and energy are over images
     with boxes (`pointing_images`), `pointing_acc_small` over the `small_object` rows among
@@ -189,7 +209,7 @@ def summary_table(
     small = _small_rows(columns, rows)
     classes = np.asarray(columns["target"]).reshape(rows) if "target" in columns else np.zeros(rows)
     records = []
-    for method in methods:
+    for method in methods or comparison_rows(columns):
         prefix = _prefix(method)
         if not any(f"{prefix}{m}" in columns for m in METRICS):
             continue
@@ -197,7 +217,7 @@ def summary_table(
         hits = values["pointing_hit"]
         boxes = np.isfinite(hits)
         record: dict[str, object] = {
-            "method": method,
+            "method": label if method == "method" else method,
             "images": int(np.isfinite(values["deletion_auc"]).sum()),
         }
         for name, source in _CI_COLUMNS:
@@ -302,12 +322,21 @@ def _markdown_header(
     lines = [
         f"# Saliency evaluation: {title}",
         "",
+        f"- maps: {row_label(config)}"
+        + (f" (method {config['method']})" if config.get("method") else ""),
         f"- model: {config.get('model', 'unknown')}{weights}",
         f"- preset: {config.get('preset', 'unknown')}",
     ]
-    for key in ("size", "target"):
+    for key in ("size", "target", "source"):
         if key in config:
             lines.append(f"- {key}: {config[key]}")
+    scored_by = attrs.get("evaluated") if isinstance(attrs.get("evaluated"), dict) else None
+    if scored_by:  # `mpbatch evaluate` rescored this run
+        scored_weights = f" ({scored_by['weights']} weights)" if scored_by.get("weights") else ""
+        lines.append(
+            f"- scored by `mpbatch evaluate` with model {scored_by.get('model')}{scored_weights}"
+            f" at size {scored_by.get('size')}"
+        )
     lines += [
         f"- images evaluated: {evaluated}",
         f"- images skipped: {skipped}",
@@ -328,7 +357,8 @@ def _markdown_header(
         "## Results",
         "",
         f"Means with percentile-bootstrap 95% intervals ({n_resamples} resamples). "
-        "`method` is the learned mask; `center` and `random` are the baselines.",
+        f"`{row_label(config)}` is the scored map; `center` and `random` are the baselines, "
+        "other rows comparison methods scored on the same images.",
         "",
     ]
     return "\n".join(lines) + "\n"
@@ -344,16 +374,20 @@ def _mean_curve(columns: dict[str, np.ndarray], name: str) -> np.ndarray | None:
 
 
 def mean_curves(
-    columns: dict[str, np.ndarray], methods: tuple[str, ...] = METHODS
+    columns: dict[str, np.ndarray],
+    methods: tuple[str, ...] | None = None,
+    *,
+    label: str = "method",
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Method -> (mean deletion curve, mean insertion curve), for methods with both curves."""
+    """Row label -> (mean deletion curve, mean insertion curve), for rows with both curves
+    (methods as in summary_table; the unprefixed map labelled `label`)."""
     out = {}
-    for method in methods:
+    for method in methods or comparison_rows(columns):
         prefix = _prefix(method)
         deletion = _mean_curve(columns, f"{prefix}deletion_curve")
         insertion = _mean_curve(columns, f"{prefix}insertion_curve")
         if deletion is not None and insertion is not None:
-            out[method] = (deletion, insertion)
+            out[label if method == "method" else method] = (deletion, insertion)
     return out
 
 
@@ -379,46 +413,53 @@ def write_summary(
     out_dir.mkdir(parents=True, exist_ok=True)
     columns, attrs = read_columns(masks_file)
     title = name if name is not None else out_dir.resolve().name
-    table = summary_table(columns, n_resamples=n_resamples, seed=seed)
+    config = attrs.get("config") if isinstance(attrs.get("config"), dict) else {}
+    label = row_label(config)
+    table = summary_table(columns, label=label, n_resamples=n_resamples, seed=seed)
     table.to_csv(out_dir / SUMMARY_CSV, index=False)
 
     evaluated = int(attrs.get("rows", _rows(columns)))
     header = _markdown_header(title, attrs, evaluated, int(skipped), n_resamples)
     (out_dir / SUMMARY_MD).write_text(header + markdown_table(table), encoding="utf-8")
 
-    config = attrs.get("config") if isinstance(attrs.get("config"), dict) else {}
     figure_title = f"{title}: {config.get('model', '')} {config.get('preset', '')}".strip()
-    save_figure(curves_figure(mean_curves(columns), title=figure_title), out_dir / CURVES_PNG)
+    curves = mean_curves(columns, label=label)
+    save_figure(curves_figure(curves, title=figure_title), out_dir / CURVES_PNG)
     return table
 
 
 def _run_config(folder: Path) -> dict:
-    """The config attribute of folder/masks.h5 (without loading its datasets); {} if none."""
-    path = folder / MASKS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        with h5py.File(path, "r") as file:
-            raw = file.attrs.get("config")
-    except OSError:
-        return {}
-    if isinstance(raw, bytes):
-        raw = raw.decode()
-    try:
-        config = json.loads(raw) if isinstance(raw, str) else {}
-    except ValueError:
-        return {}
-    return config if isinstance(config, dict) else {}
+    """The config attribute of folder/masks.h5 (or scores.h5, for maps scored by
+    `evaluate`), without loading its datasets; {} if none."""
+    for name in (MASKS_FILE, SCORES_FILE):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            with h5py.File(path, "r") as file:
+                raw = file.attrs.get("config")
+        except OSError:
+            return {}
+        if isinstance(raw, bytes):
+            raw = raw.decode()
+        try:
+            config = json.loads(raw) if isinstance(raw, str) else {}
+        except ValueError:
+            return {}
+        return config if isinstance(config, dict) else {}
+    return {}
 
 
-def compare_runs(paths: list[Path]) -> pd.DataFrame:
+def compare_runs(paths: list[Path], names: list[str] | None = None) -> pd.DataFrame:
     """Side-by-side comparison of runs: one row per (run, method) from each summary.csv.
 
-    A path is a run folder or its summary.csv. Adds `run` (the folder name) and the run's
-    `model` / `preset` from its masks.h5 config (empty when there is no mask file).
+    A path is a run folder or its summary.csv. Adds `run` (`names[i]`, default the folder
+    name) and the run's `model` / `preset` from its masks.h5 (or scores.h5) config.
     """
+    if names and len(names) != len(paths):
+        raise ValueError(f"{len(names)} names for {len(paths)} runs; give one --name per run")
     tables = []
-    for path in paths:
+    for position, path in enumerate(paths):
         path = Path(path)
         csv = path / SUMMARY_CSV if path.is_dir() else path
         if not csv.is_file():
@@ -426,7 +467,7 @@ def compare_runs(paths: list[Path]) -> pd.DataFrame:
         folder = csv.resolve().parent
         config = _run_config(folder)
         table = pd.read_csv(csv)
-        table.insert(0, "run", folder.name)
+        table.insert(0, "run", names[position] if names else folder.name)
         table.insert(1, "model", config.get("model", ""))
         table.insert(2, "preset", config.get("preset", ""))
         tables.append(table)

@@ -33,7 +33,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .errors import one_line
+
 FORMAT = "mpbatch-masks-1"
+MASKS_FILE = "masks.h5"  # a run's file (shards: masks-IIIII-of-NNNNN.h5)
+SCORES_FILE = "scores.h5"  # `evaluate`'s file for maps not made by mpbatch
+REPORT_FILE = "report.csv"
+FAILURES_FILE = "failures.csv"
 STRING = h5py.string_dtype("utf-8")
 FAILURE_FIELDS = ("index", "path", "reason")
 
@@ -65,6 +71,38 @@ class StoreError(Exception):
 
 def _string_array(values) -> np.ndarray:
     return np.array([str(v) for v in values], dtype=object)
+
+
+def _as_column(values) -> np.ndarray:
+    """Per-row values as an array: numbers as they are, strings as UTF-8 objects."""
+    if isinstance(values, np.ndarray) and values.dtype.kind not in "OUS":
+        return values
+    if len(values) and isinstance(values[0], (str, bytes, np.str_)):
+        return _string_array(values)
+    return np.asarray(values)
+
+
+def create_column(group: h5py.Group, name: str, values, rows: int | None = None) -> h5py.Dataset:
+    """The one way a per-row dataset is made: resizable along the rows, chunked about 1 MB,
+    strings as UTF-8, NaN as the fill value of floats. With `rows` (≥ 0) the dataset starts
+    with that many fill rows and `values` only sets its type and row shape; else it holds
+    `values`."""
+    array = _as_column(values)
+    dtype = STRING if array.dtype.kind in "OUS" else array.dtype
+    row_shape = array.shape[1:]
+    chunk_rows = max(1, min(256, (1 << 20) // max(1, array[0:1].nbytes or 8)))
+    floating = dtype is not STRING and np.issubdtype(np.dtype(dtype), np.floating)
+    dataset = group.create_dataset(
+        name,
+        shape=(len(array) if rows is None else rows,) + row_shape,
+        maxshape=(None,) + row_shape,
+        dtype=dtype,
+        chunks=(chunk_rows,) + row_shape,
+        fillvalue=np.nan if floating else None,
+    )
+    if rows is None and len(array):
+        dataset[:] = array
+    return dataset
 
 
 class MaskStore:
@@ -107,7 +145,7 @@ class MaskStore:
             except (OSError, KeyError, ValueError) as error:
                 if not has_journal:
                     raise StoreError(
-                        f"{path} is damaged ({_one_line(error)}) and has no journal to rebuild "
+                        f"{path} is damaged ({one_line(error)}) and has no journal to rebuild "
                         "it from; use --overwrite to start over"
                     ) from error
                 damaged = path.with_name(path.name + ".damaged")
@@ -161,10 +199,7 @@ class MaskStore:
         file.attrs["rows"] = 0
         file.attrs["failures"] = 0
         file.attrs["next_position"] = 0
-        group = file.create_group("failures")
-        group.create_dataset("index", shape=(0,), maxshape=(None,), dtype=np.int64)
-        group.create_dataset("path", shape=(0,), maxshape=(None,), dtype=STRING)
-        group.create_dataset("reason", shape=(0,), maxshape=(None,), dtype=STRING)
+        _create_failures(file, [])
         store = cls(file, path)
         store._mark_writing(True)
         return store
@@ -256,24 +291,11 @@ class MaskStore:
         _crash_point("after-commit")
 
     def _write_rows(self, name: str, values, start: int, count: int) -> None:
-        if len(values) and isinstance(values[0], str):
-            array, dtype = _string_array(values), STRING
-        else:
-            array = np.asarray(values)
-            dtype = array.dtype
         if name not in self.file:
-            chunk_rows = max(1, min(256, (1 << 20) // max(1, array[0:1].nbytes)))
-            self.file.create_dataset(
-                name,
-                shape=(start,) + array.shape[1:],
-                maxshape=(None,) + array.shape[1:],
-                dtype=dtype,
-                chunks=(chunk_rows,) + array.shape[1:],
-                fillvalue=np.nan if np.issubdtype(np.dtype(dtype), np.floating) else None,
-            )
+            create_column(self.file, name, values, rows=start)
         dataset = self.file[name]
         dataset.resize(start + count, axis=0)
-        dataset[start : start + count] = array
+        dataset[start : start + count] = _as_column(values)
 
     def _write_failures(self, failures: list[tuple[int, str, str]]) -> None:
         group = self.file["failures"]
@@ -324,10 +346,6 @@ def _part_files(parts: Path) -> list[Path]:
     return sorted(parts.glob("part-*.h5")) if parts.is_dir() else []
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _write_part(parts: Path, columns: dict, failures: list, next_position: int, config: dict):
     """Write one batch as parts/part-<next_position>.h5, atomically (temporary name, rename)."""
     parts.mkdir(parents=True, exist_ok=True)
@@ -338,14 +356,8 @@ def _write_part(parts: Path, columns: dict, failures: list, next_position: int, 
         file.attrs["config"] = json.dumps(config, sort_keys=True)
         rows = file.create_group("columns")
         for name, values in columns.items():
-            if len(values) and isinstance(values[0], str):
-                rows.create_dataset(name, data=_string_array(values), dtype=STRING)
-            else:
-                rows.create_dataset(name, data=np.asarray(values))
-        group = file.create_group("failures")
-        group["index"] = np.array([f[0] for f in failures], dtype=np.int64)
-        group.create_dataset("path", data=_string_array([f[1] for f in failures]), dtype=STRING)
-        group.create_dataset("reason", data=_string_array([f[2] for f in failures]), dtype=STRING)
+            create_column(rows, name, values)
+        _create_failures(file, failures)
     with open(temporary, "rb+") as handle:
         os.fsync(handle.fileno())
     _crash_point("part-write")
@@ -422,7 +434,7 @@ def replace_columns(path: str | Path, columns: dict[str, np.ndarray], **attrs) -
                 raise ValueError(f"{path}: column {name} has {array.shape[0]} rows, not {rows}")
             if name in file:
                 del file[name]
-            file.create_dataset(name, data=array, maxshape=(None,) + array.shape[1:])
+            create_column(file, name, array)
         for key, value in attrs.items():
             file.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
 
@@ -437,16 +449,18 @@ def merge_files(shards: list[Path], dest: str | Path, compare_keys: list[str] | 
     Raises StoreError naming any shard that is incomplete or made with other settings.
     """
     dest = Path(dest)
-    configs, columns_list, failures, rows = [], [], [], 0
+    configs, columns_list, failures, rows, extra = [], [], [], 0, {}
     for shard in shards:
         try:
             with h5py.File(shard, "r") as file:
                 complete = bool(file.attrs.get("complete", False))
                 config = json.loads(file.attrs["config"])
                 versions = file.attrs["versions"]
-                extra = {k: file.attrs[k] for k in ("class_names", "protocol") if k in file.attrs}
+                for key in ("class_names", "protocol"):
+                    if key in file.attrs:
+                        extra.setdefault(key, file.attrs[key])
         except (OSError, KeyError) as error:
-            raise StoreError(f"{shard}: cannot be read ({_one_line(error)})") from error
+            raise StoreError(f"{shard}: cannot be read ({one_line(error)})") from error
         if not complete:
             raise StoreError(f"{shard} is not complete: rerun its shard to finish it")
         configs.append(config)
@@ -472,27 +486,42 @@ def merge_files(shards: list[Path], dest: str | Path, compare_keys: list[str] | 
         file.attrs["merged_from"] = json.dumps([Path(s).name for s in shards])
         for key, value in extra.items():
             file.attrs[key] = value
-        names = [n for n in columns_list[0] if all(n in c for c in columns_list)]
-        for name in names:
-            parts = [c[name] for c in columns_list if len(c[name])]
-            if not parts:
-                continue
-            if parts[0].dtype.kind in "OUS":
-                values = _string_array(np.concatenate(parts))
-                file.create_dataset(name, data=values, dtype=STRING, maxshape=(None,))
-            else:
-                array = np.concatenate(parts)
-                file.create_dataset(name, data=array, maxshape=(None,) + array.shape[1:])
-        group = file.create_group("failures")
-        group.create_dataset(
-            "index", data=np.array([f[0] for f in failures], dtype=np.int64), maxshape=(None,)
-        )
-        for position, field in ((1, "path"), (2, "reason")):
-            group.create_dataset(
-                field,
-                data=_string_array([f[position] for f in failures]),
-                dtype=STRING,
-                maxshape=(None,),
-            )
+        for name, values in _joined_columns(columns_list).items():
+            create_column(file, name, values)
+        _create_failures(file, failures)
     os.replace(temporary, dest)
     return rows
+
+
+def _joined_columns(columns_list: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The union of the shards' columns, rows in shard order. A column that a shard with rows
+    lacks (e.g. its images all lacked boxes) is filled there: NaN for numbers (integers
+    become floats), "" for strings."""
+    names = list(dict.fromkeys(n for columns in columns_list for n in columns))
+    joined = {}
+    for name in names:
+        example = next(c[name] for c in columns_list if name in c)
+        parts = []
+        for columns in columns_list:
+            count = len(columns.get("path", []))
+            if name in columns:
+                parts.append(columns[name][:count])
+            elif count and example.dtype.kind in "OUS":
+                parts.append(np.array([""] * count, dtype=object))
+            elif count:
+                parts.append(np.full((count,) + example.shape[1:], np.nan))
+        parts = [p for p in parts if len(p)]
+        if parts:
+            strings = any(p.dtype.kind in "OUS" for p in parts)
+            joined[name] = (
+                _string_array(np.concatenate(parts)) if strings else np.concatenate(parts)
+            )
+    return joined
+
+
+def _create_failures(file: h5py.File, failures: list[tuple[int, str, str]]) -> None:
+    """The failures group: index, path and reason per image that could not be used."""
+    group = file.create_group("failures")
+    create_column(group, "index", np.array([f[0] for f in failures], dtype=np.int64))
+    for position, field in ((1, "path"), (2, "reason")):
+        create_column(group, field, _string_array([f[position] for f in failures]))

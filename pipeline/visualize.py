@@ -1,17 +1,19 @@
 """Figures: per-image saliency panels and deletion / insertion curves.
 
 Everything here builds `matplotlib.figure.Figure` objects directly (the Agg canvas, no pyplot
-state, no display), so it works on headless cluster nodes and in worker processes. Nothing is
-read or written except by `save_figure`.
+state, no display), so it works on headless cluster nodes and in worker processes. The
+drawing functions read and write nothing but `save_figure`'s file; at the end, `run_panels`,
+`render_figures` and `render_gallery` draw a run's file (`mpbatch show`), asking the run's
+method for its perturbed image and map.
 
 Inputs may be numpy arrays or torch tensors (any device; they are detached and copied to the
-CPU); torch is not imported here.
+CPU); torch is imported only by the functions that read a run.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,16 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-__all__ = ["curves_figure", "curve_auc", "saliency_panel", "save_figure", "upsample_bilinear"]
+__all__ = [
+    "curves_figure",
+    "curve_auc",
+    "render_figures",
+    "render_gallery",
+    "run_panels",
+    "saliency_panel",
+    "save_figure",
+    "upsample_bilinear",
+]
 
 DPI = 100
 PANEL_HEIGHT_IN = 3.0
@@ -204,3 +215,94 @@ def curves_figure(curves: Mapping[str, tuple[Any, Any]], title: str = "") -> Fig
     if title:
         fig.suptitle(title)
     return fig
+
+
+# ------------------------------------------------------------------------------ a run's file
+def _masks_file(out: str | Path) -> Path:
+    from .store import MASKS_FILE
+
+    out = Path(out)
+    return out / MASKS_FILE if out.is_dir() else out
+
+
+def run_panels(out: str | Path, rows: Sequence[int] | None = None):
+    """For rows of the run in `out` (folder or mask file; default all): yield (row, image
+    1×3×H×W, perturbed image 1×3×H×W, saliency 1×H×W, title), as the run's method made them
+    (images re-read from the run's data folder at its input size)."""
+    import torch
+
+    from .datasets import decode_image, resize_image
+    from .methods import get_method, settings_from_config
+    from .store import read_columns
+
+    columns, attrs = read_columns(_masks_file(out))
+    config = attrs["config"]
+    method = get_method(config.get("method") or "meaningful")
+    settings = settings_from_config(config)
+    names = list(attrs.get("class_names", []))
+    data, size = Path(config["data"]), int(config["size"])
+    mean = torch.tensor(config.get("normalization", {}).get("mean", [0.5, 0.5, 0.5]))
+    stored = [k for k in ("masks", "params", "prob_masked") if k in columns]
+    for row in range(len(columns.get("path", []))) if rows is None else rows:
+        relative = str(columns["path"][row])
+        pixels, width, height = decode_image(data / relative)
+        image = resize_image(pixels, size)[None]
+        one = {k: torch.from_numpy(np.asarray(columns[k][row : row + 1])) for k in stored}
+        saliency = method.saliency(one, settings, (size, size), config.get("area"))
+        perturbed, caption = method.perturbed(image, one, settings, mean, relative, (width, height))
+        target = int(columns["target"][row])
+        name = names[target] if 0 <= target < len(names) else str(target)
+        title = f"{relative}: {name} — p(clean) {columns['prob_clean'][row]:.3f}; {caption}"
+        yield row, image, perturbed, saliency, title
+
+
+def render_figures(out: str | Path, dest: str | Path, limit: int | None = None) -> list[Path]:
+    """One PNG per explained image of the run in `out`: image, perturbed image, saliency."""
+    dest = Path(dest)
+    columns_rows = _row_count(out)
+    rows = range(columns_rows if limit is None else min(limit, columns_rows))
+    written = []
+    for _, image, perturbed, saliency, title in run_panels(out, rows):
+        relative = title.split(": ", 1)[0]
+        figure = saliency_panel(image[0], perturbed[0], saliency[0], title)
+        path = dest / (Path(relative).with_suffix("").as_posix().replace("/", "__") + ".png")
+        save_figure(figure, path)
+        written.append(path)
+    return written
+
+
+def _row_count(out: str | Path) -> int:
+    import h5py
+
+    with h5py.File(_masks_file(out), "r") as file:
+        return int(file.attrs.get("rows", 0))
+
+
+def render_gallery(
+    out: str | Path,
+    dest: str | Path,
+    *,
+    sort: str = "deletion_auc",
+    descending: bool = True,
+    limit: int | None = 100,
+) -> Path:
+    """dest/index.html for the run in `out`: the `limit` rows first by `sort` (descending:
+    the worst deletion first by default), with thumbnails; see pipeline.gallery."""
+    import pandas as pd
+
+    from .gallery import write_gallery
+    from .report import per_image_table
+    from .store import read_columns
+
+    columns, attrs = read_columns(_masks_file(out))
+    table = per_image_table(columns, list(attrs.get("class_names", [])))
+    if sort not in table:
+        raise ValueError(f"{_masks_file(out)}: no column {sort!r} to sort the gallery by")
+    order = table.sort_values(sort, ascending=not descending, na_position="last", kind="stable")
+    rows = [int(r) for r in order.index[: len(order) if limit is None else limit]]
+    thumbnails = (
+        (row, image[0], perturbed[0], saliency[0])
+        for row, image, perturbed, saliency, _ in run_panels(out, rows)
+    )
+    title = f"{Path(out).resolve().name}: {len(rows)} of {len(table)} images by {sort}"
+    return write_gallery(Path(dest), pd.DataFrame(table), thumbnails, title=title)

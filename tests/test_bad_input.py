@@ -14,7 +14,7 @@ from PIL import Image
 from tiny_models import TINY_OPTIONS
 
 from cli import main
-from pipeline.runner import _halve_on_oom
+from pipeline.batching import halve_on_oom
 from pipeline.store import read_columns
 
 ARGS = [
@@ -120,7 +120,7 @@ def test_out_of_memory_halves_the_batch_until_it_fits() -> None:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return {"masks": np.arange(lo, hi), "path": [f"p{i}" for i in range(lo, hi)]}
 
-    columns = _halve_on_oom(work, 7)
+    columns = halve_on_oom(work, 7)
     assert list(columns["masks"]) == list(range(7))
     assert columns["path"] == [f"p{i}" for i in range(7)]
     assert calls[0] == (0, 7) and all(hi - lo <= 7 for lo, hi in calls)
@@ -129,12 +129,11 @@ def test_out_of_memory_halves_the_batch_until_it_fits() -> None:
         raise torch.OutOfMemoryError("simulated")
 
     with pytest.raises(torch.OutOfMemoryError):
-        _halve_on_oom(never_fits, 4)
+        halve_on_oom(never_fits, 4)
 
 
 def test_auto_batch_size_keeps_a_margin_below_the_largest_that_fits() -> None:
-    from pipeline.optimize import MaskSettings, SpeedOptions
-    from pipeline.runner import CPU_BATCH_SIZE, auto_batch_size
+    from pipeline.batching import CPU_BATCH_SIZE, auto_batch_size
 
     tried = []
 
@@ -144,19 +143,13 @@ def test_auto_batch_size_keeps_a_margin_below_the_largest_that_fits() -> None:
             raise torch.OutOfMemoryError("simulated")
 
     cuda = torch.device("cuda")
-    chosen = auto_batch_size(None, 224, MaskSettings(), SpeedOptions(), cuda, probe=probe)
+    chosen = auto_batch_size(probe, 224, cuda)
     assert tried == [1, 2, 4, 8, 16, 32, 64] and chosen == 24  # 0.75 × 32
-    capped = auto_batch_size(
-        None, 224, MaskSettings(), SpeedOptions(), cuda, probe=lambda b: None, limit=16
-    )
+    capped = auto_batch_size(lambda b: None, 224, cuda, limit=16)
     assert capped == 16  # the limit itself fitted: memory is not what stops it
-    uneven = auto_batch_size(
-        None, 224, MaskSettings(), SpeedOptions(), cuda, probe=lambda b: None, limit=24
-    )
+    uneven = auto_batch_size(lambda b: None, 224, cuda, limit=24)
     assert uneven == 12  # 0.75 × 16: 32 was never tried, so 16 is the largest known to fit
-    assert auto_batch_size(None, 224, MaskSettings(), SpeedOptions(), torch.device("cpu")) == (
-        CPU_BATCH_SIZE
-    )
+    assert auto_batch_size(probe, 224, torch.device("cpu")) == CPU_BATCH_SIZE
     result = CliRunner().invoke(main, ["run", ".", "-o", "x", "--batch-size", "zero"])
     assert result.exit_code == 2 and "batch-size" in result.output
 

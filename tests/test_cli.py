@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 from tiny_models import TINY, TINY_OPTIONS
@@ -221,13 +222,14 @@ def test_evaluate_foreign_maps_equals_run(class_folders, tmp_path) -> None:
         "none",
     ]
     assert CliRunner().invoke(main, args).exit_code == 0
-    from pipeline.runner import saliency_from_masks, settings_from_config
+    from pipeline.methods import get_method, settings_from_config
     from pipeline.store import read_columns
 
     run_columns, attrs = read_columns(out / "masks.h5")
     # what the run scored: 1 − the mask as the optimiser applied it, at the input size
     settings = settings_from_config(attrs["config"])
-    saliency = saliency_from_masks(run_columns["masks"], settings, (32, 32)).numpy()
+    masks = {"masks": torch.from_numpy(run_columns["masks"])}
+    saliency = get_method("meaningful").saliency(masks, settings, (32, 32)).numpy()
     assert saliency.shape[-2:] == (32, 32)  # the input size, not the 8×8 mask
 
     foreign = tmp_path / "gradcam.h5"
@@ -330,6 +332,12 @@ def test_report_compares_runs_side_by_side(class_folders, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     table = pd.read_csv(output)
     assert list(table["run"]) == ["weak", "weak", "strong", "strong"]
-    assert list(table["method"]) == ["method", "center"] * 2
+    assert list(table["method"]) == ["meaningful", "center"] * 2  # the run's method labels it
     assert "| weak |" in result.output and "| strong |" in result.output
     assert output.with_suffix(".md").read_text().count("| strong |") == 2
+
+    named = ["report", *runs, "-o", str(output), "--name", "l1=0.001", "--name", "l1=1"]
+    assert CliRunner().invoke(main, named).exit_code == 0
+    assert list(pd.read_csv(output)["run"]) == ["l1=0.001"] * 2 + ["l1=1"] * 2
+    result = CliRunner().invoke(main, ["report", *runs, "-o", str(output), "--name", "one"])
+    assert result.exit_code == 2 and "1 names for 2 runs" in result.output

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from tiny_models import TINY_OPTIONS
 
-from pipeline.runner import EXIT_INTERRUPTED
+from pipeline.stopping import EXIT_INTERRUPTED
 from pipeline.store import journal_dir, read_columns, read_failures
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 from tiny_models import TINY_OPTIONS
 
-import pipeline.runner as runner
+import pipeline.shards as shards
 from cli import main
 from pipeline.datasets import DatasetError, resolve_shard, shard_range
 from pipeline.store import read_columns
@@ -231,11 +231,11 @@ def test_extremal_shards_merged_equal_one_process(data, tmp_path) -> None:
 
 def test_only_one_finishing_shard_merges(tmp_path, monkeypatch, capsys) -> None:
     merged = []
-    monkeypatch.setattr(runner, "merge", lambda out: merged.append(out) or out / "masks.h5")
-    assert runner.merge_once(tmp_path) == tmp_path / "masks.h5"
-    assert merged == [tmp_path] and not (tmp_path / runner.MERGE_LOCK).exists()
+    monkeypatch.setattr(shards, "merge", lambda out: merged.append(out) or out / "masks.h5")
+    assert shards.merge_once(tmp_path) == tmp_path / "masks.h5"
+    assert merged == [tmp_path] and not (tmp_path / shards.MERGE_LOCK).exists()
 
-    (tmp_path / runner.MERGE_LOCK).touch()  # another process is merging
-    assert runner.merge_once(tmp_path) is None
-    assert merged == [tmp_path] and (tmp_path / runner.MERGE_LOCK).exists()
+    (tmp_path / shards.MERGE_LOCK).touch()  # another process is merging
+    assert shards.merge_once(tmp_path) is None
+    assert merged == [tmp_path] and (tmp_path / shards.MERGE_LOCK).exists()
     assert "another shard is merging" in capsys.readouterr().err

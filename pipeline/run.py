@@ -1,0 +1,293 @@
+"""`mpbatch run`: discover → load → classify → explain → score → store → report.
+
+The only module that ties a run's file I/O to the algorithms, which take and return tensors.
+Which method runs is the registry's business (pipeline.methods); this module names none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .batching import auto_batch_size, batch_probe, explain_padded, halve_on_oom, padded_size
+from .configuration import (
+    RunOptions,
+    RunRecord,
+    applied_speed,
+    pick_device,
+    upgrade_stored,
+    versions,
+)
+from .datasets import DatasetError, ImageFolderDataset, Sample, discover, resolve_shard, shard_range
+from .methods import Method, get_method
+from .models import NormalizedClassifier, load_model
+from .optimize import SpeedOptions
+from .report import write_failures_csv, write_report_csv, write_summary
+from .scoring import check_labels, evaluate_batch, image_columns
+from .shards import all_shards_complete, merge_once, output_names
+from .stopping import Interrupted, StopRequested, StopSignals
+from .store import MaskStore
+
+
+@dataclass
+class RunResult:
+    out: Path
+    processed: int  # images written by this invocation
+    failed: int  # images that failed in this invocation
+    total_rows: int  # rows in the mask file now
+    seconds: float
+    masks_file: Path | None = None
+    timings: dict = field(default_factory=dict)  # seconds loading, optimising, evaluating, ...
+
+
+@dataclass
+class _Job:
+    """What every batch of a run needs."""
+
+    options: RunOptions
+    method: Method
+    settings: Any
+    model: NormalizedClassifier
+    speed: SpeedOptions
+    samples: list[Sample]
+    store: MaskStore
+    timings: dict[str, float]
+    stop: StopSignals
+
+
+def loader(dataset, batch_size: int, workers: int, device: torch.device):
+    """The DataLoader of a run or an evaluation (in order, pinned memory on CUDA)."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def run(options: RunOptions) -> RunResult:
+    """Explain every image of options.data (this process's shard of it) into options.out.
+
+    Resumes what an earlier run with the same settings left. SIGTERM/SIGUSR1 stop within
+    an iteration: the unfinished batch is dropped, what is done is flushed, and Interrupted
+    is raised (the CLI exits 75).
+    """
+    started = time.perf_counter()
+    method = get_method(options.method)
+    samples, layout = discover(
+        options.data,
+        labels_csv=options.labels_csv,
+        synset_mapping=options.synset_mapping,
+        boxes_dir=options.boxes_dir,
+    )
+    samples = samples[: options.limit] if options.limit is not None else samples
+    shard = resolve_shard(options.shard, os.environ)
+    part = shard_range(len(samples), shard.rank, shard.world)
+    device = pick_device(options.device, shard.local_rank)
+    model = load_model(options.model, options.weights).to(device)
+    settings = method.resolve_settings(options.mask_settings(), model)
+    if options.target == "label":
+        check_labels(samples, len(model.class_names), options.model)
+    speed = applied_speed(options, device)
+    if options.batch_size == "auto":
+        probe = batch_probe(model, method, settings, options.size, speed, device)
+        chosen = auto_batch_size(probe, options.size, device)
+        options = dataclasses.replace(options, batch_size=chosen)
+        print(f"mpbatch: --batch-size auto chose {chosen}", file=sys.stderr)
+    record = RunRecord(
+        data=str(Path(options.data).resolve()),
+        model=options.model,
+        weights=options.weights,
+        method=options.method,
+        mask=settings.to_dict(),
+        area=options.area,
+        size=options.size,
+        target=options.target,
+        limit=options.limit,
+        layout=layout,
+        evaluation=None if options.evaluation is None else options.evaluation.describe(),
+        speed={**speed.to_dict(), "device": device.type},  # CPU and CUDA noise differ
+        shard={"rank": shard.rank, "world": shard.world, "start": part.start, "stop": part.stop},
+        preset=options.preset,
+        name=options.name or options.method,
+        normalization={"mean": model.mean.tolist(), "std": model.std.tolist()},
+        batch_size=options.batch_size,
+        workers=options.workers,
+        device=options.device,
+    )
+    out = Path(options.out)
+    masks_name, report_name, failures_name = output_names(shard)
+    store = MaskStore.open(
+        out / masks_name,
+        record.to_config(),
+        versions(),
+        compare_keys=RunRecord.resume_keys(),
+        overwrite=options.overwrite,
+        fill_stored=lambda stored: upgrade_stored(stored, device),
+    )
+    if store.repaired:
+        print(f"mpbatch: {store.repaired}", file=sys.stderr)
+    timings = {"load": 0.0, "optimize": 0.0, "evaluate": 0.0, "write": 0.0}
+    with StopSignals() as stop:
+        job = _Job(options, method, settings, model, speed, samples, store, timings, stop)
+        try:
+            processed, failed = _run_batches(job, part, shard.tag if shard.world > 1 else "")
+            timings["total"] = seconds = time.perf_counter() - started
+            timings["images_per_s"] = processed / seconds if seconds > 0 else 0.0
+            protocol = None if options.evaluation is None else options.evaluation.describe()
+            store.set_attrs(class_names=list(model.class_names), timings=timings, protocol=protocol)
+            total_rows, done = store.rows, max(store.next_position, part.start) >= part.stop
+            next_position, skipped = store.next_position, store.n_failures
+            if stop.received is None and done:
+                store.finish()
+        finally:
+            store.close()
+    write_report_csv(out / masks_name, out / report_name)
+    write_failures_csv(out / masks_name, out / failures_name)
+    if stop.received is not None:
+        finished = max(next_position, part.start) - part.start
+        raise Interrupted(
+            f"stopped by {stop.received} after {finished} of {len(part)} images of "
+            f"{out / masks_name}; rerun the same command to resume"
+        )
+    if shard.world == 1 and options.evaluation is not None:
+        write_summary(out / masks_name, out, skipped=skipped)
+    elif shard.world > 1 and all_shards_complete(out, shard.world):
+        merge_once(out)
+    seconds = time.perf_counter() - started
+    return RunResult(out, processed, failed, total_rows, seconds, out / masks_name, timings)
+
+
+def _run_batches(job: _Job, part: range, tag: str) -> tuple[int, int]:
+    """Explain, score and store the batches of `part` not done yet; returns (written,
+    failed). Stops early, dropping the unfinished batch, when a stop signal arrives."""
+    start = max(job.store.next_position, part.start)
+    remaining = range(start, part.stop)
+    if len(remaining) == 0:
+        print(f"{job.store.path}: all {len(part)} images already done", file=sys.stderr)
+        return 0, 0
+    options = job.options
+    device = next(iter(job.model.buffers())).device
+    dataset = ImageFolderDataset(options.data, job.samples, options.size, indices=remaining)
+    bar = tqdm(
+        total=len(part),
+        initial=start - part.start,
+        unit="img",
+        desc=f"masks {tag}".strip(),
+        disable=not options.progress,
+        dynamic_ncols=True,
+    )
+    processed = failed = 0
+    tick = time.perf_counter()
+    try:
+        for batch in loader(dataset, options.batch_size, options.workers, device):
+            job.timings["load"] += time.perf_counter() - tick
+            job.stop.check()
+            written, failures = _process_batch(job, batch)
+            processed, failed = processed + written, failed + len(failures)
+            for _, path, reason in failures:
+                bar.write(f"skipped {path}: {reason}")
+            bar.update(len(batch["index"]))
+            job.stop.check()
+            tick = time.perf_counter()
+    except StopRequested:
+        pass  # the unfinished batch is dropped; stop.received says why
+    finally:
+        bar.close()
+    return processed, failed
+
+
+def _process_batch(job: _Job, batch: dict) -> tuple[int, list[tuple[int, str, str]]]:
+    positions = batch["index"].tolist()
+    ok = batch["ok"].tolist()
+    failures = [
+        (p, job.samples[p].path, batch["error"][i]) for i, p in enumerate(positions) if not ok[i]
+    ]
+    if failures and job.options.on_error == "fail":
+        raise DatasetError(f"{failures[0][1]}: {failures[0][2]} (--on-error fail)")
+    good = [i for i in range(len(positions)) if ok[i]]
+    columns: dict = {}
+    if good:
+        device = next(iter(job.model.buffers())).device
+        images = batch["image"][good].to(device, non_blocking=True)
+        rows = [job.samples[positions[i]] for i in good]
+        sizes = [(int(batch["width"][i]), int(batch["height"][i])) for i in good]
+        where = [positions[i] for i in good]
+
+        def work(lo: int, hi: int) -> dict:
+            whole = hi - lo == len(good)
+            return _explain_and_score(
+                job, images[lo:hi], rows[lo:hi], where[lo:hi], sizes[lo:hi], whole
+            )
+
+        columns = halve_on_oom(work, len(good))
+    tick = time.perf_counter()
+    job.store.append(columns, failures, next_position=positions[-1] + 1)
+    job.timings["write"] += time.perf_counter() - tick
+    return len(good), failures
+
+
+def _explain_and_score(job: _Job, images, rows, positions, sizes, whole_batch: bool) -> dict:
+    """The columns of one batch: the image's, the method's, and the metrics."""
+    options = job.options
+    columns = image_columns(job.model, images, rows, positions, sizes, options.target)
+    targets = torch.from_numpy(columns["target"]).to(images.device)
+    tick = time.perf_counter()
+    explained = explain_padded(
+        job.method,
+        job.model,
+        images,
+        targets,
+        [s.path for s in rows],
+        job.settings,
+        pad_to=padded_size(job.speed, options.batch_size, len(rows), whole_batch),
+        speed=job.speed,
+        original_sizes=sizes,
+        on_iteration=job.stop.check,
+    )
+    job.timings["optimize"] += time.perf_counter() - tick
+    if options.evaluation is not None:
+        tick = time.perf_counter()
+        size = tuple(images.shape[-2:])
+        saliency = job.method.saliency(explained, job.settings, size, options.area)
+        scores = evaluate_batch(
+            job.model,
+            images,
+            saliency,
+            targets,
+            rows,
+            sizes,
+            options.evaluation,
+            baseline_size=tuple(explained["masks"].shape[-2:]),
+            on_chunk=job.stop.check,
+        )
+        columns.update(scores)
+        job.timings["evaluate"] += time.perf_counter() - tick
+    columns.update({k: v.cpu().numpy() for k, v in explained.items()})
+    return columns
+
+
+def describe(result: RunResult) -> str:
+    """Two lines for the end of a run: what was written, and where the time went."""
+    line = (
+        f"{result.processed} masks written, {result.failed} images skipped, "
+        f"{result.total_rows} in {result.masks_file or result.out} ({result.seconds:.1f} s)"
+    )
+    t = result.timings
+    if result.processed and t:
+        line += (
+            f"\ntime: loading {t['load']:.1f} s, optimising {t['optimize']:.1f} s, "
+            f"evaluating {t['evaluate']:.1f} s, writing {t['write']:.1f} s; "
+            f"{t['images_per_s']:.2f} images/s"
+        )
+    return line

@@ -1,0 +1,139 @@
+"""One batch of images in, per-image columns out: classification, targets and the metrics of
+a saliency map beside its comparison rows. Shared by `run` and `evaluate`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .configuration import EvalOptions, eval_batch_size_for
+from .datasets import DatasetError, Sample
+from .methods import get_method
+from .metrics import BASELINES, baseline_saliency, box_coverage, center_points, score_saliency
+from .models import NormalizedClassifier
+from .seeding import image_seed
+
+
+def check_labels(samples: list[Sample], num_classes: int, model_name: str) -> None:
+    """Labels must be classes of the model (e.g. ImageNet labels with a 10-class model fail)."""
+    for sample in samples:
+        if sample.label >= num_classes:
+            raise DatasetError(
+                f"{sample.path}: label {sample.label} is not one of the {num_classes} classes of "
+                f"{model_name}; use --target predicted to explain the top-1 class instead"
+            )
+
+
+def classify(model: NormalizedClassifier, images: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities B×C of clean images."""
+    with torch.inference_mode():
+        return model(images).float().softmax(dim=1)
+
+
+def choose_targets(labels: torch.Tensor, predictions: torch.Tensor, mode: str) -> torch.Tensor:
+    """The class each map explains: the label where known (≥ 0) in "label" mode, else top-1."""
+    if mode == "predicted":
+        return predictions
+    if mode != "label":
+        raise ValueError(f"unknown target mode {mode!r}")
+    return torch.where(labels >= 0, labels, predictions)
+
+
+def image_columns(
+    model: NormalizedClassifier,
+    images: torch.Tensor,
+    samples: Sequence[Sample],
+    positions: Sequence[int],
+    sizes: Sequence[tuple[int, int]],
+    target_mode: str,
+    targets: torch.Tensor | None = None,
+) -> dict[str, np.ndarray | list[str]]:
+    """The columns every scored file has: index, path, width, height, label, target, pred,
+    prob_clean. targets: fixed (a run's), else chosen by `target_mode`."""
+    probs = classify(model, images)
+    predictions = probs.argmax(dim=1)
+    labels = torch.tensor([s.label for s in samples], device=images.device)
+    if targets is None:
+        targets = choose_targets(labels, predictions, target_mode)
+    return {
+        "index": np.asarray(positions, dtype=np.int64),
+        "path": [s.path for s in samples],
+        "width": np.array([w for w, _ in sizes], dtype=np.int64),
+        "height": np.array([h for _, h in sizes], dtype=np.int64),
+        "label": labels.cpu().numpy().astype(np.int64),
+        "target": targets.cpu().numpy().astype(np.int64),
+        "pred": predictions.cpu().numpy().astype(np.int64),
+        "prob_clean": probs.gather(1, targets.view(-1, 1))[:, 0].cpu().numpy(),
+    }
+
+
+def target_boxes(sample: Sample, target: int) -> torch.Tensor | None:
+    """The boxes of the explained class as a K×4 tensor (xmin, ymin, xmax, ymax), or None."""
+    boxes = [(b.xmin, b.ymin, b.xmax, b.ymax) for b in sample.boxes if b.class_index == target]
+    return torch.tensor(boxes, dtype=torch.float64) if boxes else None
+
+
+def comparison_saliency(
+    name: str,
+    model: NormalizedClassifier,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    keys: list[str],
+    grid: tuple[int, int],
+    seed: int,
+) -> torch.Tensor:
+    """The B×H×W map of a comparison row: a baseline at `grid` or a registered method's map
+    (its default settings) at the input size."""
+    if name in BASELINES:
+        return baseline_saliency(name, keys, grid, seed).to(images.device)
+    method = get_method(name)
+    settings = method.resolve_settings(method.default_settings, model)
+    seeds = [image_seed(getattr(settings, "seed", 0), key) for key in keys]
+    columns = method.explain(model, images, targets, seeds, settings)
+    return method.saliency(columns, settings, tuple(images.shape[-2:]))
+
+
+def evaluate_batch(
+    model: NormalizedClassifier,
+    images: torch.Tensor,
+    saliency: torch.Tensor,
+    targets: torch.Tensor,
+    samples: list[Sample],
+    sizes: list[tuple[int, int]],
+    evaluation: EvalOptions,
+    baseline_size: tuple[int, int] | None = None,
+    on_chunk: Callable[[], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Metric columns for one batch: the saliency's, then each comparison row's (prefixed).
+
+    saliency B×h×w (higher = more important); sizes (width, height) of the original images.
+    The random baseline is noise at `baseline_size` (the mask's granularity; default the
+    saliency's); the centre baseline points at the image centre in the pointing game.
+    Every map's pointing uses evaluation.smooth; `on_chunk` runs between scoring chunks.
+    """
+    boxes = [target_boxes(s, int(t)) for s, t in zip(samples, targets.tolist(), strict=True)]
+    keys = [s.path for s in samples]
+    options = {
+        "protocol": evaluation.protocol(),
+        "tolerance": evaluation.tolerance,
+        "eval_batch_size": evaluation.eval_batch_size or eval_batch_size_for(images.device),
+        "smooth": evaluation.smooth or 0.0,
+        "on_chunk": on_chunk,
+    }
+    model = model.eval()
+    scores = score_saliency(model, images, saliency, targets, boxes, sizes, **options)
+    columns = {k: v.numpy() for k, v in scores.items()}
+    coverage = box_coverage(boxes, sizes).numpy()
+    columns["box_coverage"] = coverage
+    columns["small_object"] = np.where(np.isnan(coverage), np.nan, coverage < 0.25)
+    grid = baseline_size or tuple(saliency.shape[-2:])
+    for name in evaluation.baselines:
+        other = comparison_saliency(name, model, images, targets, keys, grid, evaluation.seed)
+        points = center_points(sizes) if name == "center" else None
+        scores = score_saliency(
+            model, images, other, targets, boxes, sizes, points=points, **options
+        )
+        columns.update({f"{name}_{k}": v.numpy() for k, v in scores.items()})
+    return columns
