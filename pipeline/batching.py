@@ -14,6 +14,7 @@ import torch
 from .methods import Method
 from .optimize import SpeedOptions
 from .seeding import image_seed
+from .stopping import ignore_stop_signals
 
 CPU_BATCH_SIZE = 8  # bench_optimize.py on 2 cores: the per-image cost is flat from 8 up
 
@@ -155,3 +156,16 @@ def halve_on_oom(work: Callable[[int, int], dict], count: int, lo: int = 0, hi: 
 
 def _concat(a, b):
     return a + b if isinstance(a, list) else np.concatenate([a, b])
+
+
+def loader(dataset, batch_size: int, workers: int, device: torch.device):
+    """The DataLoader of a run or an evaluation (in order, pinned memory on CUDA)."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        worker_init_fn=ignore_stop_signals,
+    )

@@ -11,13 +11,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .batching import loader
 from .configuration import EvalOptions, pick_device, versions
 from .datasets import DatasetError, ImageFolderDataset, discover
 from .methods import get_method, settings_from_config
 from .metrics import baseline_saliency
 from .models import load_model
 from .report import write_report_csv, write_summary
-from .run import loader
 from .scoring import check_labels, evaluate_batch, image_columns
 from .store import MASKS_FILE, REPORT_FILE, SCORES_FILE, MaskStore, read_columns, replace_columns
 

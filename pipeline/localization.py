@@ -434,3 +434,41 @@ def localization_hits(
     if gt.shape[0] == 0:
         return np.full(pred.shape[0], np.nan)
     return _hit(pred.astype(np.float64), gt)
+
+
+# --------------------------------------------------------------------------------------
+# A batch of maps, as the scorer stores them
+# --------------------------------------------------------------------------------------
+
+
+def localization_columns(
+    saliency: Any,
+    boxes: Sequence[Any],
+    original_sizes: Sequence[tuple[int, int]],
+) -> dict[str, np.ndarray]:
+    """Per-image localization columns for B maps B×H×W (at the model's input size) with each
+    image's target boxes (K×4 at its original size, or None) and (width, height).
+
+    As the reference does for masks (``thres_first``), a map is thresholded at its own
+    resolution and the box is then resized to the original image. Returns, per rule R,
+    ``loc_curve_R`` B×A (hit at every α of ALPHA_GRID[R]) and ``loc_hit_R`` B (at the
+    paper's α, RULES[R]), and ``loc_hit`` (DEFAULT_RULE); NaN where an image has no boxes.
+    """
+    maps = (
+        saliency.detach().float().cpu().numpy() if isinstance(saliency, torch.Tensor) else saliency
+    )
+    columns: dict[str, np.ndarray] = {}
+    for rule, grid in ALPHA_GRID.items():
+        curves = np.full((len(maps), len(grid)), np.nan)
+        for b, (image_map, image_boxes, size) in enumerate(
+            zip(maps, boxes, original_sizes, strict=True)
+        ):
+            if image_boxes is not None and len(image_boxes):
+                curves[b] = localization_hits(
+                    image_map, image_boxes, rule, grid, original_size=size
+                )
+        at_paper = int(np.argmin(np.abs(grid - RULES[rule])))
+        columns[f"loc_curve_{rule}"] = curves.astype(np.float32)
+        columns[f"loc_hit_{rule}"] = curves[:, at_paper].astype(np.float32)
+    columns["loc_hit"] = columns[f"loc_hit_{DEFAULT_RULE}"]
+    return columns

@@ -66,8 +66,21 @@ def write_failures_csv(masks_file: str | Path, failures_file: str | Path) -> pd.
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
 CURVES_PNG = "curves.png"
+LOCALIZATION_CSV = "localization.csv"
+LOCALIZATION_PNG = "localization.png"
 
-METRICS = ("deletion_auc", "insertion_auc", "pointing_hit", "pointing_energy")
+METRICS = (
+    "deletion_auc",
+    "insertion_auc",
+    "pointing_hit",
+    "pointing_energy",
+    "pointing_hit_raw",
+    "pointing_hit_smooth",
+    "loc_hit_value",
+    "loc_hit_energy",
+    "loc_hit_mean",
+)
+LOC_RULES = ("value", "energy", "mean")  # pipeline.localization.RULES, the default second
 METHODS = ("method", "center", "random")  # the unprefixed map's key, then the baselines
 
 
@@ -96,6 +109,7 @@ _CI_COLUMNS = (
     ("pointing_acc", "pointing_hit"),
     ("pointing_acc_small", "pointing_hit"),
     ("pointing_energy", "pointing_energy"),
+    ("loc_error", "loc_hit_energy"),  # 1 − hit: the paper's error, energy rule at α 0.95
 )
 SUMMARY_COLUMNS = (
     ["method", "images"]
@@ -111,6 +125,8 @@ SUMMARY_COLUMNS = (
         for name in (ci, f"{ci}_low", f"{ci}_high")
     ]
     + ["pointing_images", "small_images"]
+    + ["loc_error", "loc_error_low", "loc_error_high", "loc_error_value", "loc_error_mean"]
+    + ["pointing_acc_raw", "pointing_acc_smooth"]
 )
 
 # Bootstrap resample indices are drawn in blocks of about this many entries (memory bound).
@@ -187,6 +203,11 @@ def _small_rows(columns: dict[str, np.ndarray], rows: int) -> np.ndarray:
     return np.nan_to_num(small, nan=0.0) > 0.5
 
 
+def _nan_mean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if len(finite) else float("nan")
+
+
 def summary_table(
     columns: dict[str, np.ndarray],
     methods: tuple[str, ...] | None = None,
@@ -204,6 +225,9 @@ def summary_table(
     pointing accuracy (micro and macro over `target` classes) and energy are over images
     with boxes (`pointing_images`), `pointing_acc_small` over the `small_object` rows among
     them (`small_images`). Lower deletion is better; higher insertion and pointing are better.
+    Localization error (pipeline.localization: 1 − hit, over images with boxes) at the
+    paper's α for the energy (with an interval), value and mean rules; pointing accuracy
+    with the raw argmax and with TorchRay's σ 0.09 smoothing, whatever `smooth` scored.
     """
     rows = _rows(columns)
     small = _small_rows(columns, rows)
@@ -222,8 +246,14 @@ def summary_table(
         }
         for name, source in _CI_COLUMNS:
             selected = values[source][small] if name == "pointing_acc_small" else values[source]
+            if name == "loc_error":
+                selected = 1.0 - selected
             mean, low, high = bootstrap_ci(selected, n_resamples=n_resamples, seed=seed)
             record.update({name: mean, f"{name}_low": low, f"{name}_high": high})
+        for rule in ("value", "mean"):
+            record[f"loc_error_{rule}"] = _nan_mean(1.0 - values[f"loc_hit_{rule}"])
+        record["pointing_acc_raw"] = _nan_mean(values["pointing_hit_raw"])
+        record["pointing_acc_smooth"] = _nan_mean(values["pointing_hit_smooth"])
         record["pointing_acc_macro"] = macro_accuracy(hits, classes)
         record["pointing_images"] = int(boxes.sum())
         record["small_images"] = int((boxes & small).sum())
@@ -243,6 +273,11 @@ _MD_COLUMNS = (
     ("pointing energy ↑", "pointing_energy", True),
     ("images with boxes", "pointing_images", False),
     ("small objects", "small_images", False),
+    ("loc error, energy 0.95 ↓", "loc_error", True),
+    ("loc error, value 0.10 ↓", "loc_error_value", False),
+    ("loc error, mean 0.5 ↓", "loc_error_mean", False),
+    ("pointing, raw argmax ↑", "pointing_acc_raw", False),
+    ("pointing, smoothed 0.09 ↑", "pointing_acc_smooth", False),
 )
 
 
@@ -270,7 +305,8 @@ def markdown_table(table: pd.DataFrame) -> str:
     Leading `run`, `model` and `preset` columns (compare_runs) are shown when present.
     """
     leading = tuple((c, c, False) for c in ("run", "model", "preset") if c in table)
-    columns = leading + _MD_COLUMNS
+    # summaries written before a column existed lack it: leave it out
+    columns = leading + tuple(c for c in _MD_COLUMNS if c[1] in table)
     text = {"run", "model", "preset", "method"}
     lines = [
         "| " + " | ".join(h for h, _, _ in columns) + " |",
@@ -407,7 +443,7 @@ def write_summary(
     with 'mean [low, high]' cells. curves.png shows the mean deletion and insertion curves
     of the method and baselines. `name` titles both (default: the out folder's name).
     """
-    from .visualize import curves_figure, save_figure
+    from .visualize import curves_figure, localization_figure, save_figure
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -425,7 +461,43 @@ def write_summary(
     figure_title = f"{title}: {config.get('model', '')} {config.get('preset', '')}".strip()
     curves = mean_curves(columns, label=label)
     save_figure(curves_figure(curves, title=figure_title), out_dir / CURVES_PNG)
+    errors = localization_curves(columns, label=label)
+    if len(errors):
+        errors.to_csv(out_dir / LOCALIZATION_CSV, index=False)
+        figure = localization_figure(errors, title=figure_title)
+        save_figure(figure, out_dir / LOCALIZATION_PNG)
     return table
+
+
+def localization_curves(
+    columns: dict[str, np.ndarray], methods: tuple[str, ...] | None = None, *, label: str = "method"
+) -> pd.DataFrame:
+    """Localization error against α, per map and rule, from the `loc_curve_<rule>` columns:
+    one row per (method, rule, alpha) with the error (1 − mean hit over the images with
+    boxes) and that image count; choose α on held-out images, as the paper did."""
+    from .localization import ALPHA_GRID
+
+    records = []
+    for method in methods or comparison_rows(columns):
+        prefix = _prefix(method)
+        for rule in LOC_RULES:
+            name = f"{prefix}loc_curve_{rule}"
+            if name not in columns or np.ndim(columns[name]) != 2:
+                continue
+            curves = np.asarray(columns[name], dtype=np.float64)
+            with_boxes = np.isfinite(curves).all(axis=1)
+            for k, alpha in enumerate(ALPHA_GRID[rule]):
+                hits = curves[with_boxes, k]
+                records.append(
+                    {
+                        "method": label if method == "method" else method,
+                        "rule": rule,
+                        "alpha": float(alpha),
+                        "loc_error": float(1.0 - hits.mean()) if len(hits) else float("nan"),
+                        "images": int(with_boxes.sum()),
+                    }
+                )
+    return pd.DataFrame(records, columns=["method", "rule", "alpha", "loc_error", "images"])
 
 
 def _run_config(folder: Path) -> dict:

@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .batching import auto_batch_size, batch_probe, explain_padded, halve_on_oom, padded_size
+from .batching import (
+    auto_batch_size,
+    batch_probe,
+    explain_padded,
+    halve_on_oom,
+    loader,
+    padded_size,
+)
 from .configuration import (
     RunOptions,
     RunRecord,
@@ -61,18 +68,6 @@ class _Job:
     store: MaskStore
     timings: dict[str, float]
     stop: StopSignals
-
-
-def loader(dataset, batch_size: int, workers: int, device: torch.device):
-    """The DataLoader of a run or an evaluation (in order, pinned memory on CUDA)."""
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
 
 
 def run(options: RunOptions) -> RunResult:
@@ -145,7 +140,12 @@ def run(options: RunOptions) -> RunResult:
             timings["total"] = seconds = time.perf_counter() - started
             timings["images_per_s"] = processed / seconds if seconds > 0 else 0.0
             protocol = None if options.evaluation is None else options.evaluation.describe()
-            store.set_attrs(class_names=list(model.class_names), timings=timings, protocol=protocol)
+            store.set_attrs(
+                class_names=list(model.class_names),
+                timings=timings,
+                timings_total=_add_timings(store.get_attr("timings_total", {}), timings, processed),
+                protocol=protocol,
+            )
             total_rows, done = store.rows, max(store.next_position, part.start) >= part.stop
             next_position, skipped = store.next_position, store.n_failures
             if stop.received is None and done:
@@ -166,6 +166,15 @@ def run(options: RunOptions) -> RunResult:
         merge_once(out)
     seconds = time.perf_counter() - started
     return RunResult(out, processed, failed, total_rows, seconds, out / masks_name, timings)
+
+
+def _add_timings(previous: dict, timings: dict, processed: int) -> dict:
+    """Seconds summed over every invocation of a run (a resumed run's last invocation alone
+    says little), with the images they made: seconds per image = total / images."""
+    keys = ("load", "optimize", "evaluate", "write", "total")
+    summed = {k: float(previous.get(k, 0.0)) + float(timings.get(k, 0.0)) for k in keys}
+    summed["images"] = int(previous.get("images", 0)) + processed
+    return summed
 
 
 def _run_batches(job: _Job, part: range, tag: str) -> tuple[int, int]:

@@ -10,8 +10,17 @@ import torch
 
 from .configuration import EvalOptions, eval_batch_size_for
 from .datasets import DatasetError, Sample
+from .localization import localization_columns
 from .methods import get_method
-from .metrics import BASELINES, baseline_saliency, box_coverage, center_points, score_saliency
+from .metrics import (
+    BASELINES,
+    baseline_saliency,
+    box_coverage,
+    center_points,
+    pointing_hits,
+    pointing_points,
+    score_saliency,
+)
 from .models import NormalizedClassifier
 from .seeding import image_seed
 
@@ -95,6 +104,39 @@ def comparison_saliency(
     return method.saliency(columns, settings, tuple(images.shape[-2:]))
 
 
+# TorchRay's benchmark smoothing, reported beside the raw argmax for every map (issue 12: a
+# deletion mask's saliency is a plateau whose raw argmax is its first pixel)
+POINTING_SMOOTH = 0.09
+
+
+def _map_columns(model, images, saliency, targets, boxes, sizes, options, points=None) -> dict:
+    """One map's metric columns: curves, AUCs and pointing (score_saliency), pointing raw and
+    smoothed, and localization (pipeline.localization)."""
+    columns = {
+        k: v.numpy()
+        for k, v in score_saliency(
+            model, images, saliency, targets, boxes, sizes, points=points, **options
+        ).items()
+    }
+    # only images with boxes: the map is resized to the original size (a 12000×9000 photo
+    # without boxes would cost a huge blur for a NaN)
+    scored = [i for i, b in enumerate(boxes) if b is not None]
+    for suffix, smooth in (("raw", 0.0), ("smooth", POINTING_SMOOTH)):
+        hits = np.full(len(boxes), np.nan, dtype=np.float32)
+        if scored:
+            chosen = [sizes[i] for i in scored]
+            where = (
+                points[scored]
+                if points is not None
+                else pointing_points(saliency[scored], chosen, smooth)
+            )
+            found = pointing_hits(where, [boxes[i] for i in scored], tolerance=options["tolerance"])
+            hits[scored] = found.numpy()
+        columns[f"pointing_hit_{suffix}"] = hits
+    columns.update(localization_columns(saliency, boxes, sizes))
+    return columns
+
+
 def evaluate_batch(
     model: NormalizedClassifier,
     images: torch.Tensor,
@@ -123,8 +165,7 @@ def evaluate_batch(
         "on_chunk": on_chunk,
     }
     model = model.eval()
-    scores = score_saliency(model, images, saliency, targets, boxes, sizes, **options)
-    columns = {k: v.numpy() for k, v in scores.items()}
+    columns = _map_columns(model, images, saliency, targets, boxes, sizes, options)
     coverage = box_coverage(boxes, sizes).numpy()
     columns["box_coverage"] = coverage
     columns["small_object"] = np.where(np.isnan(coverage), np.nan, coverage < 0.25)
@@ -132,8 +173,6 @@ def evaluate_batch(
     for name in evaluation.baselines:
         other = comparison_saliency(name, model, images, targets, keys, grid, evaluation.seed)
         points = center_points(sizes) if name == "center" else None
-        scores = score_saliency(
-            model, images, other, targets, boxes, sizes, points=points, **options
-        )
-        columns.update({f"{name}_{k}": v.numpy() for k, v in scores.items()})
+        scores = _map_columns(model, images, other, targets, boxes, sizes, options, points)
+        columns.update({f"{name}_{k}": v for k, v in scores.items()})
     return columns

@@ -18,10 +18,18 @@ class StopRequested(Exception):
     """Raised by StopSignals.check() inside a batch; the batch is abandoned."""
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: workers ignore SIGTERM and SIGUSR1. SLURM and a terminal
+    signal the whole process group; a worker killed by it fails the main process's next
+    batch ("DataLoader worker is killed by signal") before the run can stop cleanly. The
+    main process ends its workers itself when it stops (and they exit when it dies)."""
+    for sig in StopSignals.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StopSignals:
     """While active, SIGTERM and SIGUSR1 only set a flag; `check()` raises StopRequested once
-    one has arrived. DataLoader workers started inside the block inherit the handler, so a
-    signal sent to the whole process group does not kill them."""
+    one has arrived."""
 
     SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n))
 

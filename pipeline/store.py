@@ -308,6 +308,13 @@ class MaskStore:
             group[field].resize(start + count, axis=0)
             group[field][start : start + count] = array
 
+    def get_attr(self, key: str, default=None):
+        """A file attribute, JSON-decoded when it holds an object or a list."""
+        value = self.file.attrs.get(key, default)
+        if isinstance(value, str) and value[:1] in "{[":
+            value = json.loads(value)
+        return value
+
     def set_attrs(self, **attrs) -> None:
         """Store extra file attributes (JSON-encoded when not a plain number or string)."""
         for key, value in attrs.items():

@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 __all__ = [
     "curves_figure",
     "curve_auc",
+    "localization_figure",
     "render_figures",
     "render_gallery",
     "run_panels",
@@ -214,6 +215,28 @@ def curves_figure(curves: Mapping[str, tuple[Any, Any]], title: str = "") -> Fig
     axes[0].set_ylabel("probability of the explained class")
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def localization_figure(errors: Any, title: str = "") -> Figure:
+    """Localization error against α, one panel per rule, one line per map; `errors` is
+    report.localization_curves' table (method, rule, alpha, loc_error)."""
+    rules = list(dict.fromkeys(errors["rule"]))
+    fig = Figure(figsize=(4.0 * len(rules), 3.2), dpi=DPI)
+    FigureCanvasAgg(fig)
+    for position, rule in enumerate(rules, start=1):
+        axes = fig.add_subplot(1, len(rules), position)
+        for method, rows in errors[errors["rule"] == rule].groupby("method", sort=False):
+            axes.plot(rows["alpha"], rows["loc_error"], marker=".", label=str(method))
+        axes.set_title(f"{rule} rule")
+        axes.set_xlabel("α")
+        axes.set_ylabel("localization error")
+        axes.set_ylim(0.0, 1.0)
+        axes.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     return fig
 
 

@@ -93,6 +93,9 @@ def test_extremal_preset_run_scores_full_masks_and_reruns(class_folders, tmp_pat
     assert first.exit_code == 0, first.output
     again = CliRunner().invoke(main, [*base, *small, "--batch-size", "2"])
     assert again.exit_code == 0 and "0 masks written" in again.output, again.output
+    # which area is scored decides the metrics: a resume must not mix two
+    other = CliRunner().invoke(main, [*base, *small, "--batch-size", "2", "--area", "1"])
+    assert other.exit_code == 2 and "(area: None -> 1)" in other.output, other.output
     with h5py.File(out / "masks.h5", "r") as file:
         config = json.loads(file.attrs["config"])
         assert config["method"] == "extremal" and config["preset"] == "torchray-voc"
@@ -157,6 +160,26 @@ def test_show_draws_one_png_per_image(class_folders, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     pngs = sorted((tmp_path / "fig").glob("*.png"))
     assert len(pngs) == 2 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_show_html_writes_a_gallery_of_the_worst_images(class_folders, tmp_path) -> None:
+    out = tmp_path / "out"
+    args = ["run", str(class_folders), "-o", str(out), "--model", TINY, *FAST, *METRIC_ARGS]
+    assert CliRunner().invoke(main, [*args, "--baselines", "center"]).exit_code == 0
+    gallery = tmp_path / "gallery"
+    result = CliRunner().invoke(
+        main, ["show", str(out), "-o", str(gallery), "--html", "--limit", "3"]
+    )
+    assert result.exit_code == 0, result.output
+    page = (gallery / "index.html").read_text(encoding="utf-8")
+    start = page.index('id="gallery-data">') + len('id="gallery-data">')
+    data = json.loads(page[start : page.index("</script>", start)])
+    report = pd.read_csv(out / "report.csv")
+    worst = report.sort_values("deletion_auc", ascending=False, kind="stable").head(3)
+    assert [r["path"] for r in data["rows"]] == list(worst["path"])
+    assert len(list((gallery / "thumbs").glob("*"))) == 9  # image, perturbed, saliency each
+    bad = CliRunner().invoke(main, ["show", str(out), "-o", str(gallery), "--html", "--sort", "x"])
+    assert bad.exit_code == 2 and "no column 'x'" in bad.output
 
 
 def test_missing_data_is_one_line_error(tmp_path) -> None:
@@ -251,12 +274,34 @@ def test_evaluate_foreign_maps_equals_run(class_folders, tmp_path) -> None:
         assert list(scored["path"]) == list(run_columns["path"])
         for column in ("deletion_auc", "insertion_auc", "deletion_curve"):
             assert np.allclose(scored[column], run_columns[column], atol=1e-6), column
+        # the file is finished: marked complete, its journal gone
+        with h5py.File(tmp_path / name / "scores.h5", "r") as file:
+            assert file.attrs["complete"]
+        assert not (tmp_path / name / ".scores.parts").exists()
+
+    # named maps: their row in the summary and in `mpbatch report` says what they are
+    named = tmp_path / "named"
+    args = ["evaluate", str(foreign), "-o", str(named), *common, "--name", "gradcam-ext"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert list(pd.read_csv(named / "summary.csv")["method"]) == ["gradcam-ext"]
+    report = CliRunner().invoke(main, ["report", str(named), "-o", str(tmp_path / "r.csv")])
+    assert report.exit_code == 0, report.output
+    row = pd.read_csv(tmp_path / "r.csv").iloc[0]
+    assert row["method"] == "gradcam-ext" and row["model"] == TINY
 
     # recomputing the run's own metrics in place gives the same numbers again
     before = run_columns["insertion_auc"].copy()
     result = CliRunner().invoke(main, ["evaluate", str(out), *common])
     assert result.exit_code == 0, result.output
     assert np.allclose(_columns(out / "masks.h5")["insertion_auc"], before, atol=1e-6)
+    # rescored at another size: the file records what scored it, and so does the summary
+    result = CliRunner().invoke(main, ["evaluate", str(out), *common, "--size", "48"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(out / "masks.h5", "r") as file:
+        scored_by = json.loads(file.attrs["evaluated"])
+        assert json.loads(file.attrs["config"])["size"] == 32  # the masks' own record
+    assert scored_by["size"] == 48 and scored_by["model"] == TINY
+    assert "at size 48" in (out / "summary.md").read_text(encoding="utf-8")
 
 
 def test_evaluate_baseline_and_bad_sources(class_folders, tmp_path) -> None:

@@ -248,3 +248,33 @@ def test_compare_runs_without_mask_file_or_summary(tmp_path) -> None:
     assert list(table["run"]) == ["copied"] and table.loc[0, "model"] == ""
     with pytest.raises(FileNotFoundError):
         compare_runs([tmp_path / "missing"])
+
+
+def test_localization_error_by_hand() -> None:
+    from pipeline.localization import ALPHA_GRID
+    from pipeline.report import localization_curves
+
+    energy = np.array([1.0, 0.0, 1.0, np.nan])  # 3 images with boxes, 2 hits
+    curve = np.zeros((4, len(ALPHA_GRID["energy"])))
+    curve[:, 3] = [1.0, 1.0, 1.0, np.nan]
+    curve[3] = np.nan
+    columns = {
+        "deletion_auc": np.array([0.1, 0.2, 0.3, 0.4]),
+        "loc_hit_energy": energy,
+        "loc_hit_value": np.array([0.0, 0.0, 1.0, np.nan]),
+        "loc_hit_mean": np.array([1.0, 1.0, 1.0, np.nan]),
+        "loc_curve_energy": curve,
+        "center_deletion_auc": np.array([0.1, 0.2, 0.3, 0.4]),
+        "center_loc_hit_energy": np.array([0.0, 0.0, 0.0, np.nan]),
+    }
+    table = summary_table(columns, n_resamples=100, label="extremal").set_index("method")
+    assert table.loc["extremal", "loc_error"] == pytest.approx(1 / 3)
+    assert table.loc["extremal", "loc_error_value"] == pytest.approx(2 / 3)
+    assert table.loc["extremal", "loc_error_mean"] == pytest.approx(0.0)
+    assert table.loc["center", "loc_error"] == pytest.approx(1.0)
+    errors = localization_curves(columns, label="extremal")
+    assert set(errors["method"]) == {"extremal"} and set(errors["rule"]) == {"energy"}
+    assert list(errors["images"].unique()) == [3]
+    by_alpha = errors.set_index("alpha")["loc_error"]
+    assert by_alpha[ALPHA_GRID["energy"][3]] == pytest.approx(0.0)
+    assert by_alpha[ALPHA_GRID["energy"][0]] == pytest.approx(1.0)

@@ -166,3 +166,49 @@ def test_finished_run_does_no_work_and_changed_settings_are_refused(data, refere
     assert changed.returncode == 2 and "other settings" in changed.stderr
     assert len(changed.stderr.strip().splitlines()) == 1
     assert_same_run(reference, reference)  # untouched
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_stop_is_honoured_within_seconds_with_workers(data, tmp_path):
+    """A batch that would optimise for minutes, DataLoader workers, and SIGTERM sent to the
+    whole process group (as SLURM and a terminal do): the run stops within seconds instead
+    of finishing the batch, drops it, and exits 75."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "cli", "run", str(data), "-o", str(out), *ARGS]
+    command += ["--iterations", "1000000", "--workers", "2"]  # the last value of an option wins
+    environment = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    process = subprocess.Popen(
+        command,
+        env=environment,
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while len(_children(process.pid)) < 2:  # the workers start inside the batch loop
+        assert process.poll() is None and time.monotonic() < deadline, "no workers started"
+        time.sleep(0.1)
+    time.sleep(1.0)  # the first batch is being optimised
+    signalled = time.monotonic()
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    waited = time.monotonic() - signalled
+    assert process.returncode == EXIT_INTERRUPTED, stderr
+    assert "stopped by SIGTERM after 0 of 12 images" in stderr
+    assert waited < 30, f"the stop took {waited:.1f} s"
+    columns, attrs = read_columns(out / "masks.h5")
+    assert attrs["rows"] == 0 and attrs["next_position"] == 0  # the unfinished batch dropped

@@ -239,3 +239,50 @@ def test_only_one_finishing_shard_merges(tmp_path, monkeypatch, capsys) -> None:
     assert shards.merge_once(tmp_path) is None
     assert merged == [tmp_path] and (tmp_path / shards.MERGE_LOCK).exists()
     assert "another shard is merging" in capsys.readouterr().err
+
+
+def _images(folder: Path, names: list[str], broken: tuple[str, ...] = ()) -> Path:
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name in names:
+        if name in broken:
+            (folder / name).write_bytes(b"\xff\xd8\xff\xe0 truncated")
+        else:
+            Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def test_a_shard_without_images_completes_and_the_run_merges(tmp_path) -> None:
+    """3 shards over 2 images: one shard has nothing to do; it used to stay incomplete, so
+    the run never merged."""
+    data = _images(tmp_path / "data", ["a.png", "b.png"])
+    out = tmp_path / "out"
+    for rank in range(3):
+        args = ["run", str(data), "-o", str(out), *ARGS, "--shard", f"{rank}/3"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+    assert shards.all_shards_complete(out, 3)
+    merged, attrs = read_columns(out / "masks.h5")
+    assert list(merged["path"]) == ["a.png", "b.png"] and attrs["complete"]
+    empty = [r for r in range(3) if len(shard_range(2, r, 3)) == 0]
+    assert empty, "the case needs an empty shard"
+    again = CliRunner().invoke(
+        main, ["run", str(data), "-o", str(out), *ARGS, "--shard", f"{empty[0]}/3"]
+    )
+    assert again.exit_code == 0 and "already done" in again.output
+
+
+def test_a_shard_whose_images_all_fail_completes_and_merges_the_union(tmp_path) -> None:
+    """Its file has no columns at all; the merge used to keep only columns every shard has,
+    i.e. none."""
+    names = ["a.png", "b.png", "c.jpg", "d.jpg"]
+    data = _images(tmp_path / "data", names, broken=("c.jpg", "d.jpg"))
+    out = tmp_path / "out"
+    for rank in range(2):
+        args = ["run", str(data), "-o", str(out), *ARGS, "--shard", f"{rank}/2"]
+        assert CliRunner().invoke(main, args).exit_code == 0
+    merged, attrs = read_columns(out / "masks.h5")
+    assert list(merged["path"]) == ["a.png", "b.png"]
+    assert merged["masks"].shape == (2, 8, 8) and "deletion_auc" in merged
+    assert attrs["failures"] == 2
+    assert (out / "failures.csv").read_text().count(".jpg") == 2

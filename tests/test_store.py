@@ -66,3 +66,22 @@ def test_column_length_mismatch_is_an_error(tmp_path) -> None:
     with MaskStore.open(tmp_path / "m.h5", CONFIG, {}) as store:
         with pytest.raises(ValueError):
             store.append({"a": np.zeros(2), "b": np.zeros(3)}, [], next_position=3)
+
+
+def test_merge_keeps_the_union_of_the_shards_columns(tmp_path) -> None:
+    from pipeline.store import merge_files
+
+    config = {"shard": {"stop": 2}}
+    first, second = tmp_path / "a.h5", tmp_path / "b.h5"
+    with MaskStore.open(first, config, {}) as store:
+        store.append({"path": ["x", "y"], "score": np.array([1, 2])}, [], next_position=2)
+        store.finish()
+    with MaskStore.open(second, {"shard": {"stop": 3}}, {}) as store:
+        columns = {"path": ["z"], "score": np.array([3]), "extra": np.array([[0.5, 0.25]])}
+        store.append(columns, [], next_position=3)
+        store.finish()
+    assert merge_files([first, second], tmp_path / "m.h5", compare_keys=[]) == 3
+    merged, _ = read_columns(tmp_path / "m.h5")
+    assert list(merged["path"]) == ["x", "y", "z"]
+    assert list(merged["score"]) == [1, 2, 3]
+    np.testing.assert_array_equal(merged["extra"], [[np.nan] * 2] * 2 + [[0.5, 0.25]])

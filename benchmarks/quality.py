@@ -1,0 +1,230 @@
+"""Which masks are best: a sweep of settings over one data folder, one table.
+
+Each setting is one `mpbatch run` into OUT_ROOT/<setting>/ (rerunning the script resumes
+every unfinished run, so a stopped sweep continues). The comparison rows are scored once,
+by the `baselines` setting (Grad-CAM with the centre and random baselines); the other
+settings score their own maps only (`--baselines none`), and are paired with the centre
+baseline on the same images (joined by path). Images [START, STOP) of DATA are linked into
+OUT_ROOT/data-START-STOP/ (labels and boxes travel with them), so the tuning images (0-100)
+and the confirmation images (100-300) are separate folders.
+
+    python benchmarks/quality.py ../shared/data/imagenet-val-sample --out-root /work/sweep \
+        --start 0 --stop 100 --settings baselines,seed,paper,preserve,extremal
+
+Writes benchmarks/results/quality_<tag>.csv and .md: per setting and row (the method, or
+Grad-CAM / centre / random), deletion and insertion AUC (with bootstrap intervals from the
+summary), pointing (all, small objects, raw argmax, smoothed σ 0.09), energy pointing,
+localization error (energy 0.95, value 0.10, mean 0.5), seconds per image (summed over
+every invocation of the run: optimising the map / scoring one map), and the paired
+differences against the centre baseline (method − centre, mean and 95% interval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.report import bootstrap_ci, row_label, summary_table  # noqa: E402
+from pipeline.store import read_columns  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+# setting -> `mpbatch run` options. `baselines` scores the comparison rows once.
+SETTINGS: dict[str, list[str]] = {
+    "baselines": ["--method", "gradcam", "--baselines", "center,random"],
+    "seed": ["--preset", "seed"],
+    "paper": ["--preset", "paper"],
+    "preserve": ["--preset", "paper", "--game", "preserve"],
+    "extremal": ["--preset", "torchray-voc"],
+    # a grid around the seed preset (the sweep picks the centre of the next one)
+    "seed-it300": ["--preset", "seed", "--iterations", "300"],
+    "seed-l1x2": ["--preset", "seed", "--l1", "0.02"],
+    "seed-l1/2": ["--preset", "seed", "--l1", "0.005"],
+    "seed-tv/2": ["--preset", "seed", "--tv", "0.1"],
+    "seed-noise0": ["--preset", "seed", "--noise", "0"],
+    "seed-pyramid": ["--preset", "seed", "--perturbation", "blur-pyramid"],
+}
+PAIRED = ("deletion_auc", "insertion_auc", "pointing_hit_smooth")  # against the centre
+
+
+def subset_folder(data: Path, out_root: Path, start: int, stop: int) -> Path:
+    """OUT_ROOT/data-START-STOP: links to images [start, stop) of DATA (sorted as mpbatch
+    sorts them) beside DATA's label and box files, so a run sees only those images."""
+    from pipeline.datasets import discover
+
+    samples, _ = discover(data)
+    folder = out_root / f"data-{start}-{stop}"
+    for sample in samples[start:stop]:
+        link = folder / sample.path
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink((data / sample.path).resolve(), link)
+    for extra in ("LOC_val_solution.csv", "LOC_synset_mapping.txt"):
+        if (data / extra).exists() and not (folder / extra).exists():
+            os.symlink((data / extra).resolve(), folder / extra)
+    return folder
+
+
+def run_setting(name: str, data: Path, out: Path, run_args: list[str]) -> int:
+    """`mpbatch run` for one setting (resumes an unfinished one); its exit status."""
+    options = SETTINGS[name] + ([] if name == "baselines" else ["--baselines", "none"])
+    command = [sys.executable, "-m", "cli", "run", str(data), "-o", str(out), *options, *run_args]
+    print("$", shlex.join(command), flush=True)
+    return subprocess.run(command, cwd=ROOT).returncode
+
+
+def _seconds(attrs: dict, rows: int) -> tuple[float, float]:
+    """(seconds per image making the maps, seconds per image scoring all maps), summed
+    over every invocation of the run."""
+    total = attrs.get("timings_total") or attrs.get("timings") or {}
+    images = max(1, int(total.get("images", rows) or rows))
+    return total.get("optimize", np.nan) / images, total.get("evaluate", np.nan) / images
+
+
+def setting_rows(name: str, out: Path, centre: pd.DataFrame | None) -> list[dict]:
+    """One record per row of this setting's summary, with the paired differences."""
+    columns, attrs = read_columns(out / "masks.h5")
+    label = row_label(attrs["config"])
+    summary = summary_table(columns, label=label)
+    making, scoring = _seconds(attrs, len(columns.get("path", [])))
+    maps = len(summary)
+    records = []
+    for _, row in summary.iterrows():
+        record = {"setting": name, "row": row["method"], **row.drop("method").to_dict()}
+        own = row["method"] == label
+        record["s_per_image_map"] = making if own else 0.0
+        record["s_per_image_scoring"] = scoring / maps
+        prefix = "" if own else f"{row['method']}_"
+        if centre is not None and row["method"] != "center":
+            record.update(paired_differences(columns, prefix, centre))
+        records.append(record)
+    return records
+
+
+def paired_differences(columns: dict, prefix: str, centre: pd.DataFrame) -> dict:
+    """mean and 95% bootstrap interval of (map − centre) per image, joined by path."""
+    mine = pd.DataFrame({"path": list(columns["path"])})
+    for metric in PAIRED:
+        if f"{prefix}{metric}" in columns:
+            mine[metric] = np.asarray(columns[f"{prefix}{metric}"], dtype=np.float64)
+    joined = mine.merge(centre, on="path", suffixes=("", "_centre"))
+    out = {"paired_images": len(joined)}
+    for metric in PAIRED:
+        if metric in joined and f"{metric}_centre" in joined:
+            if metric == "pointing_hit_smooth":  # small objects: where the centre fails most
+                small = joined["small_object"] > 0.5
+                difference = (joined[metric] - joined[f"{metric}_centre"])[small]
+                metric = "pointing_small_smooth"
+            else:
+                difference = joined[metric] - joined[f"{metric}_centre"]
+            mean, low, high = bootstrap_ci(difference.to_numpy())
+            out.update({f"d_{metric}": mean, f"d_{metric}_low": low, f"d_{metric}_high": high})
+    return out
+
+
+def centre_table(out: Path) -> pd.DataFrame | None:
+    """The centre baseline's per-image metrics from the `baselines` run, by path."""
+    if not (out / "masks.h5").exists():
+        return None
+    columns, _ = read_columns(out / "masks.h5")
+    table = pd.DataFrame({"path": list(columns["path"])})
+    table["small_object"] = np.asarray(columns["small_object"], dtype=np.float64)
+    for metric in PAIRED:
+        table[f"{metric}_centre"] = np.asarray(columns[f"center_{metric}"], dtype=np.float64)
+    return table
+
+
+SHOWN = [
+    "setting",
+    "row",
+    "images",
+    "deletion_auc",
+    "insertion_auc",
+    "pointing_acc",
+    "pointing_acc_small",
+    "pointing_acc_raw",
+    "pointing_acc_smooth",
+    "pointing_energy",
+    "loc_error",
+    "loc_error_value",
+    "loc_error_mean",
+    "s_per_image_map",
+    "s_per_image_scoring",
+    "d_deletion_auc",
+    "d_insertion_auc",
+    "d_pointing_small_smooth",
+]
+
+
+def markdown(table: pd.DataFrame, command: str) -> str:
+    def cell(row, column):
+        value = row.get(column, np.nan)
+        if isinstance(value, str):
+            return value
+        if not np.isfinite(value):
+            return "n/a"
+        if f"{column}_low" in row and np.isfinite(row[f"{column}_low"]):
+            return f"{value:.3f} [{row[f'{column}_low']:.3f}, {row[f'{column}_high']:.3f}]"
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+
+    shown = [c for c in SHOWN if c in table]
+    lines = [f"<!-- command: {command} -->", "| " + " | ".join(shown) + " |"]
+    lines.append("|" + "|".join("---" for _ in shown) + "|")
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(cell(row, c) for c in shown) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--out-root", type=Path, required=True)
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--stop", type=int, default=100)
+    parser.add_argument("--settings", default="baselines,seed,paper,preserve,extremal")
+    parser.add_argument(
+        "--run-args",
+        default="--batch-size 10 --workers 1 --quiet",
+        help="more `mpbatch run` options for every setting",
+    )
+    parser.add_argument("--tag", default=None, help="results name (default: data-START-STOP)")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--table-only", action="store_true", help="tabulate finished runs")
+    args = parser.parse_args(argv)
+    names = [n for n in args.settings.split(",") if n]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
+    data = subset_folder(args.data, args.out_root, args.start, args.stop)
+    tag = args.tag or f"{args.out_root.name}-{args.start}-{args.stop}"
+    outs = {name: args.out_root / f"{tag}-{name}".replace("/", "_") for name in names}
+    if not args.table_only:
+        for name, out in outs.items():
+            status = run_setting(name, data, out, shlex.split(args.run_args))
+            if status != 0:
+                print(f"{name}: mpbatch exited {status}; rerun to resume", file=sys.stderr)
+    centre = centre_table(outs["baselines"]) if "baselines" in outs else None
+    records = []
+    for name, out in outs.items():
+        if (out / "masks.h5").exists():
+            records += setting_rows(name, out, centre)
+    table = pd.DataFrame(records)
+    args.results.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.results / f"quality_{tag}.csv", index=False)
+    command = "python benchmarks/quality.py " + shlex.join(argv or sys.argv[1:])
+    (args.results / f"quality_{tag}.md").write_text(markdown(table, command), encoding="utf-8")
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""pipeline/configuration.py: options, the typed run record, and which speed options apply."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pipeline.configuration import (
+    EvalOptions,
+    RunOptions,
+    RunRecord,
+    applied_speed,
+    upgrade_stored,
+)
+from pipeline.optimize import SpeedOptions
+
+
+def test_cuda_speed_options_follow_the_h100_measurements(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cuda = torch.device("cuda")
+    assert SpeedOptions.recommended(cuda, "vgg19") == SpeedOptions("bf16", channels_last=True)
+    assert SpeedOptions.recommended(cuda, "resnet50") == SpeedOptions("bf16")
+    options = RunOptions(data=".", out=".", model="vgg19", compile=True, cuda_graphs=True)
+    assert applied_speed(options, cuda) == SpeedOptions(
+        "bf16", channels_last=True, compile=True, cuda_graphs=True
+    )
+    explicit = RunOptions(data=".", out=".", model="resnet50", precision="bf16")
+    assert applied_speed(explicit, cuda) == SpeedOptions("bf16")
+    cpu_bf16 = RunOptions(data=".", out=".", model="efficientnet_lite0", precision="bf16")
+    assert applied_speed(cpu_bf16, torch.device("cpu")) == SpeedOptions("bf16", channels_last=True)
+    fp32 = RunOptions(data=".", out=".", precision="fp32", cuda_graphs=True)
+    assert applied_speed(fp32, cuda) == SpeedOptions()  # graphs only ever with compile
+
+
+@pytest.mark.parametrize("method", ["extremal", "gradcam"])
+def test_methods_without_speed_options_refuse_them_and_record_fp32(method, monkeypatch) -> None:
+    """On a GPU, `auto` used to record bf16 for an extremal run that ran fp32 eager."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    for asked in ({"compile": True}, {"cuda_graphs": True}, {"precision": "bf16"}):
+        with pytest.raises(ValueError, match=f"does not apply to --method {method}"):
+            RunOptions(data=".", out=".", method=method, **asked)
+    options = RunOptions(data=".", out=".", method=method)  # precision auto
+    assert applied_speed(options, torch.device("cuda")) == SpeedOptions(precision="fp32")
+
+
+def test_result_fields_are_marked_on_the_record() -> None:
+    resume = RunRecord.resume_keys()
+    assert {"method", "mask", "area", "evaluation", "speed", "shard"} <= set(resume)
+    assert not {"batch_size", "workers", "device", "preset", "name"} & set(resume)
+    assert RunRecord.merge_keys() == [k for k in resume if k != "shard"]
+    record = RunRecord(
+        data="/d",
+        model="m",
+        weights=None,
+        method="extremal",
+        mask={"areas": (0.1, 0.2)},
+        area=None,
+        size=32,
+        target="label",
+        limit=None,
+        layout="flat",
+        evaluation=None,
+        speed={"precision": "fp32"},
+    )
+    assert record.to_config()["mask"] == {"areas": [0.1, 0.2]}  # as stored: lists
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.size = 64
+
+
+def test_files_of_older_versions_still_resume() -> None:
+    old = {"speed": {"precision": "fp32", "channels_last": False, "adam": "default"}}
+    upgraded = upgrade_stored(old, torch.device("cpu"))
+    assert upgraded["method"] == "meaningful" and upgraded["area"] is None
+    assert upgraded["speed"]["device"] == "cpu" and upgraded["speed"]["cuda_graphs"] is False
+
+
+def test_evaluation_defaults_follow_the_method() -> None:
+    assert EvalOptions().baselines == ("center", "random", "gradcam")
+    extremal = EvalOptions().for_method("extremal")
+    assert extremal.smooth == 0.09 and extremal.baselines == ("center", "random", "gradcam")
+    gradcam = EvalOptions().for_method("gradcam")
+    assert gradcam.smooth == 0.0 and gradcam.baselines == ("center", "random")  # not itself
+    assert EvalOptions(smooth=0.2).for_method("extremal").smooth == 0.2
+    with pytest.raises(ValueError, match="unknown baseline 'occlusion'"):
+        EvalOptions(baselines=("occlusion",))
