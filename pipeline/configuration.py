@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .methods import comparison_names, get_method, method_for_preset
+from .methods import DEFAULT_METHOD, comparison_names, get_method, method_for_preset
 from .metrics import BASELINES, CurveProtocol
 from .optimize import SpeedOptions
 
@@ -71,11 +71,23 @@ class EvalOptions:
         rows = tuple(b for b in self.baselines if b != method)
         return dataclasses.replace(self, smooth=smooth, baselines=rows)
 
+    def settings(self) -> dict:
+        """What decides the scores (a resume must match it; the wording of describe() may
+        change between versions without refusing old runs)."""
+        return {
+            "step": self.step,
+            "tolerance": self.tolerance,
+            "smooth": self.smooth,
+            "baselines": list(self.baselines),
+            "seed": self.seed,
+        }
+
     def protocol(self) -> CurveProtocol:
         return CurveProtocol(step=self.step)
 
-    def describe(self) -> dict:
-        """The protocol settings written into every mask file and summary."""
+    def describe(self, method: str | None = None) -> dict:
+        """The protocol settings written into every mask file and summary; `method`: the
+        registered method whose maps are scored (None: maps given as they are)."""
         protocol = self.protocol()
         smoothing = (
             f", smoothed with a Gaussian of sigma {self.smooth:g}·min(H, W) (zero padding, "
@@ -96,9 +108,10 @@ class EvalOptions:
             "tolerance": self.tolerance,
             "smooth": self.smooth,
             "scored_saliency": (
-                "the method's map at the model's input size: 1 - the mask as applied "
-                "(meaningful), the masks summed over areas unless one is picked (extremal), "
-                "the class activation map resized bilinearly (gradcam)"
+                get_method(method).scored_map
+                if method
+                else "the maps as given (higher = "
+                "more important), resized bilinearly to the model's input size"
             ),
             "small_object": "target boxes cover < 25% of the image",
             "baselines": list(self.baselines),
@@ -191,9 +204,10 @@ class RunRecord:
     target: str = result_field()
     limit: int | None = result_field()
     layout: str = result_field()
-    evaluation: dict | None = result_field()  # EvalOptions.describe(), None without metrics
+    scoring: dict | None = result_field()  # EvalOptions.settings(), None without metrics
     speed: dict = result_field()  # what ran: SpeedOptions as applied, and the device type
     shard: dict | None = result_field(merge=False, default=None)  # rank, world, start, stop
+    evaluation: dict | None = None  # EvalOptions.describe(): the protocol in words
     preset: str = ""
     name: str | None = None
     normalization: dict | None = None  # the model's mean and std, pixel units
@@ -219,7 +233,18 @@ class RunRecord:
 def upgrade_stored(stored: dict, device: torch.device) -> dict:
     """Fill in what mask files of older mpbatch versions did not record (their values then
     were the defaults), so that those runs still resume."""
-    stored = {"method": "meaningful", "area": None, **stored}
+    stored = {"method": DEFAULT_METHOD, "area": None, **stored}
+    if "scoring" not in stored:  # before the scoring settings were recorded apart
+        described = stored.get("evaluation")
+        stored["scoring"] = None
+        if isinstance(described, dict):
+            stored["scoring"] = {
+                "step": described.get("step"),
+                "tolerance": described.get("tolerance"),
+                "smooth": described.get("smooth", 0.0),  # nothing was smoothed before
+                "baselines": described.get("baselines"),
+                "seed": described.get("random_seed"),
+            }
     speed = stored.get("speed")
     if isinstance(speed, dict):  # before CUDA graphs and the device type were recorded
         stored["speed"] = {"cuda_graphs": False, "device": device.type, **speed}

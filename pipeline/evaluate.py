@@ -14,7 +14,7 @@ from tqdm import tqdm
 from .batching import loader
 from .configuration import EvalOptions, pick_device, versions
 from .datasets import DatasetError, ImageFolderDataset, discover
-from .methods import get_method, settings_from_config
+from .methods import DEFAULT_METHOD, get_method, settings_from_config
 from .metrics import baseline_saliency
 from .models import load_model
 from .report import write_report_csv, write_summary
@@ -61,7 +61,7 @@ class SaliencySource:
         """The maps of these rows on `device` at input size; None for a baseline. A run's
         maps are made from its stored columns by its method, batch by batch."""
         if self.masks is not None:
-            method = get_method(self.config.get("method") or "meaningful")
+            method = get_method(self.config.get("method") or DEFAULT_METHOD)
             columns = {k: torch.from_numpy(v[rows]).to(device) for k, v in self.masks.items()}
             settings = settings_from_config(self.config)
             return method.saliency(columns, settings, (size, size), self.config.get("area"))
@@ -159,7 +159,7 @@ def evaluate(options: EvaluateOptions) -> Path:
         "target": "the run's" if source.targets is not None else options.target,
         "source": str(options.source) if options.source else f"baseline:{options.baseline}",
         "name": options.name or config.get("name") or config.get("method") or "maps",
-        "evaluation": options.evaluation.describe(),
+        "evaluation": options.evaluation.describe(config.get("method")),
     }
     scored, failures = _score_all(options, source, samples, positions, model, size, device)
     out = _write_scores(options, source, scored, failures, record, model, len(samples))

@@ -99,6 +99,7 @@ def run(options: RunOptions) -> RunResult:
         chosen = auto_batch_size(probe, options.size, device)
         options = dataclasses.replace(options, batch_size=chosen)
         print(f"mpbatch: --batch-size auto chose {chosen}", file=sys.stderr)
+    evaluation = options.evaluation
     record = RunRecord(
         data=str(Path(options.data).resolve()),
         model=options.model,
@@ -110,11 +111,12 @@ def run(options: RunOptions) -> RunResult:
         target=options.target,
         limit=options.limit,
         layout=layout,
-        evaluation=None if options.evaluation is None else options.evaluation.describe(),
+        scoring=None if options.evaluation is None else options.evaluation.settings(),
         speed={**speed.to_dict(), "device": device.type},  # CPU and CUDA noise differ
         shard={"rank": shard.rank, "world": shard.world, "start": part.start, "stop": part.stop},
         preset=options.preset,
         name=options.name or options.method,
+        evaluation=None if evaluation is None else evaluation.describe(options.method),
         normalization={"mean": model.mean.tolist(), "std": model.std.tolist()},
         batch_size=options.batch_size,
         workers=options.workers,
@@ -139,7 +141,9 @@ def run(options: RunOptions) -> RunResult:
             processed, failed = _run_batches(job, part, shard.tag if shard.world > 1 else "")
             timings["total"] = seconds = time.perf_counter() - started
             timings["images_per_s"] = processed / seconds if seconds > 0 else 0.0
-            protocol = None if options.evaluation is None else options.evaluation.describe()
+            protocol = (
+                None if options.evaluation is None else options.evaluation.describe(options.method)
+            )
             store.set_attrs(
                 class_names=list(model.class_names),
                 timings=timings,

@@ -255,12 +255,12 @@ def run_panels(out: str | Path, rows: Sequence[int] | None = None):
     import torch
 
     from .datasets import decode_image, resize_image
-    from .methods import get_method, settings_from_config
+    from .methods import DEFAULT_METHOD, get_method, settings_from_config
     from .store import read_columns
 
     columns, attrs = read_columns(_masks_file(out))
     config = attrs["config"]
-    method = get_method(config.get("method") or "meaningful")
+    method = get_method(config.get("method") or DEFAULT_METHOD)
     settings = settings_from_config(config)
     names = list(attrs.get("class_names", []))
     data, size = Path(config["data"]), int(config["size"])

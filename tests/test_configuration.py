@@ -49,8 +49,8 @@ def test_methods_without_speed_options_refuse_them_and_record_fp32(method, monke
 
 def test_result_fields_are_marked_on_the_record() -> None:
     resume = RunRecord.resume_keys()
-    assert {"method", "mask", "area", "evaluation", "speed", "shard"} <= set(resume)
-    assert not {"batch_size", "workers", "device", "preset", "name"} & set(resume)
+    assert {"method", "mask", "area", "scoring", "speed", "shard"} <= set(resume)
+    assert not {"batch_size", "workers", "device", "preset", "name", "evaluation"} & set(resume)
     assert RunRecord.merge_keys() == [k for k in resume if k != "shard"]
     record = RunRecord(
         data="/d",
@@ -63,7 +63,7 @@ def test_result_fields_are_marked_on_the_record() -> None:
         target="label",
         limit=None,
         layout="flat",
-        evaluation=None,
+        scoring=None,
         speed={"precision": "fp32"},
     )
     assert record.to_config()["mask"] == {"areas": [0.1, 0.2]}  # as stored: lists
@@ -72,10 +72,19 @@ def test_result_fields_are_marked_on_the_record() -> None:
 
 
 def test_files_of_older_versions_still_resume() -> None:
-    old = {"speed": {"precision": "fp32", "channels_last": False, "adam": "default"}}
+    described = EvalOptions(baselines=("center", "random")).describe()
+    del described["smooth"]  # files from before pointing could be smoothed
+    old = {
+        "speed": {"precision": "fp32", "channels_last": False, "adam": "default"},
+        "evaluation": described,
+    }
     upgraded = upgrade_stored(old, torch.device("cpu"))
     assert upgraded["method"] == "meaningful" and upgraded["area"] is None
     assert upgraded["speed"]["device"] == "cpu" and upgraded["speed"]["cuda_graphs"] is False
+    # what decides the scores is compared, not the wording of the protocol
+    now = EvalOptions(baselines=("center", "random")).for_method("meaningful").settings()
+    assert upgraded["scoring"] == now
+    assert upgrade_stored({"evaluation": None}, torch.device("cpu"))["scoring"] is None
 
 
 def test_evaluation_defaults_follow_the_method() -> None:

@@ -48,6 +48,8 @@ class Method:
     uses_speed_options: ClassVar[bool] = False
     # True: cheap enough (about one forward/backward) to score beside every run
     comparison: ClassVar[bool] = False
+    # what the metrics score, in words (written into every file's protocol)
+    scored_map: ClassVar[str] = ""
 
     @property
     def default_settings(self) -> Any:

@@ -32,6 +32,10 @@ class ExtremalPerturbation(Method):
     settings_class = ExtremalSettings
     presets = EXTREMAL_PRESETS
     pointing_smooth = 0.09  # TorchRay's benchmark: σ = 0.09·min(H, W) before the argmax
+    scored_map = (
+        "the masks as applied, rebuilt from their grid parameters at the model's input size, "
+        "summed over the areas (TorchRay's benchmark) unless --area picks one"
+    )
     option_help = {
         "areas": "Target areas, comma-separated (default 0.025,0.05,0.1,0.2).",
         "variant": "Which game (default preserve).",

@@ -87,6 +87,7 @@ class GradCam(Method):
     settings_class = GradCamSettings
     presets = {"gradcam": GradCamSettings()}
     comparison = True
+    scored_map = "the Grad-CAM map resized bilinearly to the model's input size"
     option_help = {"layer": "Grad-CAM: the layer to read (default: by model family)."}
 
     def resolve_settings(self, settings: GradCamSettings, model: nn.Module) -> GradCamSettings:

@@ -34,6 +34,10 @@ class MeaningfulPerturbation(Method):
     settings_class = MaskSettings
     presets = PRESETS
     uses_speed_options = True
+    scored_map = (
+        "1 - the mask as applied (optimize.applied_masks: its upsampling and mask blur) at "
+        "the model's input size; the mask itself for the preservation game"
+    )
     option_help = {
         "iterations": "Optimisation steps per mask.",
         "lr": "Learning rate.",
