@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from .batching import loader
-from .configuration import EvalOptions, pick_device, versions
+from .configuration import EvalOptions, EvaluationRecord, pick_device, versions
 from .datasets import DatasetError, ImageFolderDataset, discover
 from .methods import DEFAULT_METHOD, get_method, settings_from_config
 from .metrics import baseline_saliency
@@ -151,16 +151,16 @@ def evaluate(options: EvaluateOptions) -> Path:
     model = load_model(model_name, weights).to(device)
     if options.target == "label" and source.targets is None:
         check_labels([samples[p] for p in positions], len(model.class_names), model_name)
-    record = {
-        "data": str(data.resolve()),
-        "model": model_name,
-        "weights": weights,
-        "size": size,
-        "target": "the run's" if source.targets is not None else options.target,
-        "source": str(options.source) if options.source else f"baseline:{options.baseline}",
-        "name": options.name or config.get("name") or config.get("method") or "maps",
-        "evaluation": options.evaluation.describe(config.get("method")),
-    }
+    record = EvaluationRecord(
+        data=str(data.resolve()),
+        model=model_name,
+        weights=weights,
+        size=size,
+        target="the run's" if source.targets is not None else options.target,
+        source=str(options.source) if options.source else f"baseline:{options.baseline}",
+        name=options.name or config.get("name") or config.get("method") or "maps",
+        evaluation=options.evaluation.describe(config.get("method")),
+    ).to_config()
     scored, failures = _score_all(options, source, samples, positions, model, size, device)
     out = _write_scores(options, source, scored, failures, record, model, len(samples))
     scored_file = source.masks_file or out / SCORES_FILE
