@@ -60,6 +60,10 @@ def test_sweep_tabulates_settings_against_the_centre(tmp_path, monkeypatch) -> N
     expected = np.mean(mine["deletion_auc"] - theirs["center_deletion_auc"])
     assert abs(seed["d_deletion_auc"] - expected) < 1e-9
     assert seed["s_per_image_map"] > 0 and table.loc[1, "s_per_image_map"] == 0.0
+    expected_beats = seed["d_deletion_auc"] < 0 and seed["d_insertion_auc"] > 0
+    assert bool(seed["beats_centre"]) == bool(
+        expected_beats and seed["d_pointing_small_smooth"] > 0
+    )
     saved = pd.read_csv(tmp_path / "results" / "quality_t.csv")
     assert len(saved) == 4
     md = (tmp_path / "results" / "quality_t.md").read_text()
