@@ -230,24 +230,6 @@ class RunRecord:
         return [f.name for f in dataclasses.fields(cls) if f.metadata.get("merge")]
 
 
-@dataclass(frozen=True)
-class EvaluationRecord:
-    """What `mpbatch evaluate` scored with: the `config` of a scores file, or the
-    `evaluated` attribute of a run it rescored."""
-
-    data: str
-    model: str
-    weights: str | None
-    size: int
-    target: str  # "label", "predicted", or "the run's" (a run's own targets)
-    source: str  # the scored file, or "baseline:NAME"
-    name: str  # the maps' row label in summaries
-    evaluation: dict  # EvalOptions.describe()
-
-    def to_config(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self), sort_keys=True))
-
-
 def upgrade_stored(stored: dict, device: torch.device) -> dict:
     """Fill in what mask files of older mpbatch versions did not record (their values then
     were the defaults), so that those runs still resume."""

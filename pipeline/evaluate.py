@@ -3,6 +3,8 @@ place), a foreign HDF5 or .npy file of maps, or a baseline alone."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .batching import loader
-from .configuration import EvalOptions, EvaluationRecord, pick_device, versions
+from .configuration import EvalOptions, pick_device, versions
 from .datasets import DatasetError, ImageFolderDataset, discover
 from .methods import DEFAULT_METHOD, get_method, settings_from_config
 from .metrics import baseline_saliency
@@ -20,6 +22,24 @@ from .models import load_model
 from .report import write_report_csv, write_summary
 from .scoring import check_labels, evaluate_batch, image_columns
 from .store import MASKS_FILE, REPORT_FILE, SCORES_FILE, MaskStore, read_columns, replace_columns
+
+
+@dataclass(frozen=True)
+class EvaluationRecord:
+    """What `mpbatch evaluate` scored with: the `config` of a scores file, or the
+    `evaluated` attribute of a run it rescored."""
+
+    data: str
+    model: str
+    weights: str | None
+    size: int
+    target: str  # "label", "predicted", or "the run's" (a run's own targets)
+    source: str  # the scored file, or "baseline:NAME"
+    name: str  # the maps' row label in summaries
+    evaluation: dict  # EvalOptions.describe()
+
+    def to_config(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self), sort_keys=True))
 
 
 @dataclass
