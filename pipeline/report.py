@@ -493,7 +493,7 @@ def localization_curves(
                         "method": label if method == "method" else method,
                         "rule": rule,
                         "alpha": float(alpha),
-                        "loc_error": float(1.0 - hits.mean()) if len(hits) else float("nan"),
+                        "loc_error": round(float(1.0 - hits.mean()), 6) if len(hits) else np.nan,
                         "images": int(with_boxes.sum()),
                     }
                 )
