@@ -21,7 +21,7 @@ from .metrics import (
     pointing_points,
     score_saliency,
 )
-from .models import NormalizedClassifier
+from .models import NormalizedClassifier, channels_last_on_cpu
 from .seeding import image_seed
 
 
@@ -165,14 +165,15 @@ def evaluate_batch(
         "on_chunk": on_chunk,
     }
     model = model.eval()
-    columns = _map_columns(model, images, saliency, targets, boxes, sizes, options)
-    coverage = box_coverage(boxes, sizes).numpy()
-    columns["box_coverage"] = coverage
-    columns["small_object"] = np.where(np.isnan(coverage), np.nan, coverage < 0.25)
-    grid = baseline_size or tuple(saliency.shape[-2:])
-    for name in evaluation.baselines:
-        other = comparison_saliency(name, model, images, targets, keys, grid, evaluation.seed)
-        points = center_points(sizes) if name == "center" else None
-        scores = _map_columns(model, images, other, targets, boxes, sizes, options, points)
-        columns.update({f"{name}_{k}": v for k, v in scores.items()})
+    with channels_last_on_cpu(model, images.device):
+        columns = _map_columns(model, images, saliency, targets, boxes, sizes, options)
+        coverage = box_coverage(boxes, sizes).numpy()
+        columns["box_coverage"] = coverage
+        columns["small_object"] = np.where(np.isnan(coverage), np.nan, coverage < 0.25)
+        grid = baseline_size or tuple(saliency.shape[-2:])
+        for name in evaluation.baselines:
+            other = comparison_saliency(name, model, images, targets, keys, grid, evaluation.seed)
+            points = center_points(sizes) if name == "center" else None
+            scores = _map_columns(model, images, other, targets, boxes, sizes, options, points)
+            columns.update({f"{name}_{k}": v for k, v in scores.items()})
     return columns

@@ -18,6 +18,7 @@ from pipeline.models import (
     IMAGENET_STD,
     ModelError,
     NormalizedClassifier,
+    channels_last_on_cpu,
     load_model,
     load_state_dict_file,
     map_lite0_keys,
@@ -467,3 +468,39 @@ def test_class_count_probe_failure_is_a_model_error(tiny_module, monkeypatch):
     monkeypatch.setattr(model.model, "forward", fail)
     with pytest.raises(ModelError, match="class_names attribute"):
         _ = model.class_names
+
+
+# --------------------------------------------------------------------------- memory format
+
+
+def _conv_weight(model: torch.nn.Module) -> torch.Tensor:
+    return next(p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1)
+
+
+@pytest.mark.parametrize("start_channels_last", [False, True])
+def test_channels_last_on_cpu_keeps_the_outputs_and_restores_the_layout(start_channels_last):
+    from tiny_models import make_tiny_cnn
+
+    model = make_tiny_cnn().eval()
+    if start_channels_last:
+        model.to(memory_format=torch.channels_last)
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(images)
+    with channels_last_on_cpu(model, "cpu"):
+        assert _conv_weight(model).is_contiguous(memory_format=torch.channels_last)
+        assert not _conv_weight(model).is_contiguous()
+        with torch.inference_mode():
+            inside = model(images)
+    torch.testing.assert_close(inside, expected, rtol=1e-5, atol=1e-5)
+    weight = _conv_weight(model)
+    assert weight.is_contiguous(memory_format=torch.channels_last) == start_channels_last
+    assert weight.is_contiguous() != start_channels_last
+
+
+def test_channels_last_on_cpu_leaves_other_devices_alone():
+    from tiny_models import make_tiny_cnn
+
+    model = make_tiny_cnn()
+    with channels_last_on_cpu(model, "meta"):
+        assert _conv_weight(model).is_contiguous()
