@@ -41,7 +41,7 @@ RESULTS = Path(__file__).parent / "results"
 
 # setting -> `mpbatch run` options. `baselines` scores the comparison rows once.
 SETTINGS: dict[str, list[str]] = {
-    "baselines": ["--method", "gradcam", "--baselines", "center,random"],
+    "baselines": ["--method", "gradcam"],  # + --baselines COMPARISONS (centre, random)
     "seed": ["--preset", "seed"],
     "paper": ["--preset", "paper"],
     "preserve": ["--preset", "paper", "--game", "preserve"],
@@ -57,14 +57,35 @@ SETTINGS: dict[str, list[str]] = {
 PAIRED = ("deletion_auc", "insertion_auc", "pointing_hit_smooth")  # against the centre
 
 
-def subset_folder(data: Path, out_root: Path, start: int, stop: int) -> Path:
+def is_small_object(data: Path, sample) -> bool:
+    """DESIGN §4's small-object subset: the label's boxes cover < 25% of the photo."""
+    from PIL import Image
+
+    from pipeline.metrics import box_coverage
+    from pipeline.scoring import target_boxes
+
+    boxes = target_boxes(sample, sample.label)
+    if boxes is None:
+        return False
+    with Image.open(data / sample.path) as image:
+        size = image.size
+    return bool(box_coverage([boxes], [size])[0] < 0.25)
+
+
+def subset_folder(
+    data: Path, out_root: Path, start: int, stop: int, small_only: bool = False
+) -> Path:
     """OUT_ROOT/data-START-STOP: links to images [start, stop) of DATA (sorted as mpbatch
-    sorts them) beside DATA's label and box files, so a run sees only those images."""
+    sorts them) beside DATA's label and box files, so a run sees only those images.
+    `small_only`: only the small-object images among them (folder data-START-STOP-small)."""
     from pipeline.datasets import discover
 
     samples, _ = discover(data)
-    folder = out_root / f"data-{start}-{stop}"
-    for sample in samples[start:stop]:
+    folder = out_root / (f"data-{start}-{stop}" + ("-small" if small_only else ""))
+    chosen = samples[start:stop]
+    if small_only:
+        chosen = [s for s in chosen if is_small_object(data, s)]
+    for sample in chosen:
         link = folder / sample.path
         if not link.exists():
             link.parent.mkdir(parents=True, exist_ok=True)
@@ -75,9 +96,12 @@ def subset_folder(data: Path, out_root: Path, start: int, stop: int) -> Path:
     return folder
 
 
-def run_setting(name: str, data: Path, out: Path, run_args: list[str]) -> int:
-    """`mpbatch run` for one setting (resumes an unfinished one); its exit status."""
-    options = SETTINGS[name] + ([] if name == "baselines" else ["--baselines", "none"])
+def run_setting(
+    name: str, data: Path, out: Path, run_args: list[str], comparisons: str = "center,random"
+) -> int:
+    """`mpbatch run` for one setting (resumes an unfinished one); its exit status.
+    `comparisons`: the rows the `baselines` setting scores beside Grad-CAM."""
+    options = SETTINGS[name] + ["--baselines", comparisons if name == "baselines" else "none"]
     command = [sys.executable, "-m", "cli", "run", str(data), "-o", str(out), *options, *run_args]
     print("$", shlex.join(command), flush=True)
     return subprocess.run(command, cwd=ROOT).returncode
@@ -219,6 +243,16 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         default="--batch-size 10 --workers 1 --quiet",
         help="more `mpbatch run` options for every setting",
     )
+    parser.add_argument(
+        "--comparisons",
+        default="center,random",
+        help="rows the baselines setting scores beside Grad-CAM (center is needed for d_*)",
+    )
+    parser.add_argument(
+        "--small-only",
+        action="store_true",
+        help="only the small-object images of [start, stop) (a cheap screen of a grid)",
+    )
     parser.add_argument("--tag", default=None, help="results name (default: data-START-STOP)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--table-only", action="store_true", help="tabulate finished runs")
@@ -227,12 +261,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         parser.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
-    data = subset_folder(args.data, args.out_root, args.start, args.stop)
+    data = subset_folder(args.data, args.out_root, args.start, args.stop, args.small_only)
     tag = args.tag or f"{args.out_root.name}-{args.start}-{args.stop}"
     outs = {name: args.out_root / f"{tag}-{name}".replace("/", "_") for name in names}
     if not args.table_only:
         for name, out in outs.items():
-            status = run_setting(name, data, out, shlex.split(args.run_args))
+            status = run_setting(name, data, out, shlex.split(args.run_args), args.comparisons)
             if status != 0:
                 print(f"{name}: mpbatch exited {status}; rerun to resume", file=sys.stderr)
     centre = centre_table(outs["baselines"]) if "baselines" in outs else None

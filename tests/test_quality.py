@@ -71,3 +71,24 @@ def test_sweep_tabulates_settings_against_the_centre(tmp_path, monkeypatch) -> N
 
     again = quality.main(argv)  # finished runs are resumed with nothing to do
     pd.testing.assert_frame_equal(again, table)
+
+
+def test_small_only_links_the_images_whose_label_boxes_cover_under_a_quarter(tmp_path) -> None:
+    data = tmp_path / "data"
+    (data / "val").mkdir(parents=True)
+    for name in ("a", "b", "c", "d"):
+        Image.new("RGB", (20, 10), (90, 90, 90)).save(data / "val" / f"{name}.JPEG")
+    tench = "n01440764"  # class 0
+    rows = {
+        "a": f"{tench} 0 0 3 3",  # 4×4 of 20×10 pixels (pointing's inclusive convention): 8%
+        "b": f"{tench} 0 0 9 9",  # 10×10: 50%
+        "c": f"{tench} 0 0 9 4",  # 10×5: exactly 25%, not small
+        "d": "",  # no boxes: never small
+    }
+    (data / "LOC_val_solution.csv").write_text(
+        "ImageId,PredictionString\n" + "".join(f"{k},{v}\n" for k, v in rows.items())
+    )
+    folder = _quality().subset_folder(data, tmp_path / "sweep", 0, 4, small_only=True)
+    assert folder.name == "data-0-4-small"
+    assert sorted(p.name for p in (folder / "val").iterdir()) == ["a.JPEG"]
+    assert (folder / "LOC_val_solution.csv").exists()
