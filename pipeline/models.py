@@ -221,8 +221,9 @@ def channels_last_on_cpu(model: nn.Module, device: torch.device | str) -> Iterat
     """Run the block with the model's weights in channels_last when ``device`` is the CPU.
 
     The convolutions then pick oneDNN's channels_last kernels for inputs of any layout; the
-    outputs change only by floating-point order. On 2 AMX Xeon threads the deletion and
-    insertion curves ran 1.38x faster for EfficientNet-Lite0 and 1.20x for ResNet-50
+    outputs change only by floating-point order. On an AMX Xeon the deletion and insertion
+    curves ran 1.38x faster for EfficientNet-Lite0 and 1.20x for ResNet-50 (2 threads, eval
+    batch 8), 1.37x for Lite0 (1 thread, batch 1, the CPU default)
     (benchmarks/results/bench_scoring_format_cpu.csv). The weights' previous layout is
     restored on exit, so the optimisation keeps its own choice (SpeedOptions.channels_last).
     Elsewhere (CUDA: not measured) the model is left as it is.
