@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,7 @@ SETTINGS: dict[str, list[str]] = {
     "seed-noise0": ["--preset", "seed", "--noise", "0"],
     "seed-pyramid": ["--preset", "seed", "--perturbation", "blur-pyramid"],
 }
+STOPPED: list[int] = []  # signals received: a stopped sweep starts no further setting
 PAIRED = ("deletion_auc", "insertion_auc", "pointing_hit_smooth")  # against the centre
 
 
@@ -104,7 +106,17 @@ def run_setting(
     options = SETTINGS[name] + ["--baselines", comparisons if name == "baselines" else "none"]
     command = [sys.executable, "-m", "cli", "run", str(data), "-o", str(out), *options, *run_args]
     print("$", shlex.join(command), flush=True)
-    return subprocess.run(command, cwd=ROOT).returncode
+    process = subprocess.Popen(command, cwd=ROOT)
+
+    def forward(signum, _frame) -> None:  # the run flushes its finished batches and stops
+        STOPPED.append(signum)
+        process.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        return process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _seconds(attrs: dict, rows: int) -> tuple[float, float]:
@@ -269,6 +281,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             status = run_setting(name, data, out, shlex.split(args.run_args), args.comparisons)
             if status != 0:
                 print(f"{name}: mpbatch exited {status}; rerun to resume", file=sys.stderr)
+            if STOPPED:
+                break
     centre = centre_table(outs["baselines"]) if "baselines" in outs else None
     records = []
     for name, out in outs.items():

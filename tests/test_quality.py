@@ -92,3 +92,34 @@ def test_small_only_links_the_images_whose_label_boxes_cover_under_a_quarter(tmp
     assert folder.name == "data-0-4-small"
     assert sorted(p.name for p in (folder / "val").iterdir()) == ["a.JPEG"]
     assert (folder / "LOC_val_solution.csv").exists()
+
+
+def test_sigterm_to_the_sweep_stops_its_run_and_starts_no_other_setting(tmp_path) -> None:
+    """`timeout` signals the sweep alone (benchmarks/gpu_quality.sh): the signal goes on to
+    the running `mpbatch run`, which stops resumably, and no further setting starts."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "data" / "n01440764"
+    data.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (34, 30), (40 * i, 90, 90)).save(data / f"{i}.png")
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), str(data.parent)]
+    command += ["--out-root", str(sweep), "--settings", "seed,paper", "--tag", "t"]
+    command += ["--run-args", RUN_ARGS + " --iterations 1000000", "--results", str(tmp_path)]
+    environment = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    process = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (sweep / "t-seed" / "masks.h5").exists():  # the seed run is optimising
+        assert process.poll() is None and time.monotonic() < deadline, "the run never started"
+        time.sleep(0.2)
+    time.sleep(2.0)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert "stopped by SIGTERM after 0 of 2 images" in stderr  # the run's own resumable stop
+    assert "seed: mpbatch exited 75; rerun to resume" in stderr
+    assert not (sweep / "t-paper").exists()
