@@ -52,6 +52,7 @@ SETTINGS: dict[str, list[str]] = {
     "seed-l1x2": ["--preset", "seed", "--l1", "0.02"],
     "seed-l1/2": ["--preset", "seed", "--l1", "0.005"],
     "seed-tv/2": ["--preset", "seed", "--tv", "0.1"],
+    "seed-tvx2": ["--preset", "seed", "--tv", "0.4"],
     "seed-noise0": ["--preset", "seed", "--noise", "0"],
     "seed-pyramid": ["--preset", "seed", "--perturbation", "blur-pyramid"],
 }
