@@ -15,8 +15,9 @@ Writes benchmarks/results/quality_<tag>.csv and .md: per setting and row (the me
 Grad-CAM / centre / random), deletion and insertion AUC (with bootstrap intervals from the
 summary), pointing (all, small objects, raw argmax, smoothed σ 0.09), energy pointing,
 localization error (energy 0.95, value 0.10, mean 0.5), seconds per image (summed over
-every invocation of the run: optimising the map / scoring one map), and the paired
-differences against the centre baseline (method − centre, mean and 95% interval).
+every invocation of the run: optimising the map / scoring one map), the median target
+probability under the learnt mask (`prob_masked_median`; a deletion game aims at 0), and
+the paired differences against the centre baseline (method − centre, mean and 95% interval).
 """
 
 from __future__ import annotations
@@ -140,6 +141,8 @@ def setting_rows(name: str, out: Path, centre: pd.DataFrame | None) -> list[dict
         record = {"setting": name, "row": row["method"], **row.drop("method").to_dict()}
         own = row["method"] == label
         record["s_per_image_map"] = making if own else 0.0
+        if own and "prob_masked" in columns:  # did the game reach its goal? (delete: → 0)
+            record["prob_masked_median"] = float(np.nanmedian(columns["prob_masked"]))
         record["s_per_image_scoring"] = scoring / maps
         prefix = "" if own else f"{row['method']}_"
         if centre is not None and row["method"] != "center":
@@ -215,6 +218,7 @@ SHOWN = [
     "loc_error",
     "loc_error_value",
     "loc_error_mean",
+    "prob_masked_median",
     "s_per_image_map",
     "s_per_image_scoring",
     "d_deletion_auc",
