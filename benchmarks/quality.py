@@ -129,9 +129,32 @@ def _seconds(attrs: dict, rows: int) -> tuple[float, float]:
     return total.get("optimize", np.nan) / images, total.get("evaluate", np.nan) / images
 
 
+def run_files(out: Path) -> list[Path]:
+    """OUT/masks.h5, or while a sharded run is unmerged its shard files (finished rows)."""
+    if (out / "masks.h5").exists():
+        return [out / "masks.h5"]
+    return sorted(out.glob("masks-*-of-*.h5"))
+
+
+def read_run(out: Path) -> tuple[dict, dict]:
+    """The columns of a run's finished rows (shards concatenated in order) and its
+    attributes (the first file's; `timings_total` summed over the shards)."""
+    parts = [read_columns(path) for path in run_files(out)]
+    parts = [p for p in parts if p[1].get("rows", 0)] or parts[:1]  # a shard yet to write
+    columns = {k: np.concatenate([c[k] for c, _ in parts]) for k in parts[0][0]}
+    attrs = dict(parts[0][1])
+    totals = [a.get("timings_total") or {} for _, a in parts]
+    attrs["timings_total"] = {
+        k: sum(t.get(k, 0) or 0 for t in totals)
+        for k in totals[0]
+        if isinstance(totals[0][k], (int, float))
+    }
+    return columns, attrs
+
+
 def setting_rows(name: str, out: Path, centre: pd.DataFrame | None) -> list[dict]:
     """One record per row of this setting's summary, with the paired differences."""
-    columns, attrs = read_columns(out / "masks.h5")
+    columns, attrs = read_run(out)
     label = row_label(attrs["config"])
     summary = summary_table(columns, label=label)
     making, scoring = _seconds(attrs, len(columns.get("path", [])))
@@ -194,9 +217,9 @@ def beats_centre(table: pd.DataFrame) -> pd.DataFrame:
 
 def centre_table(out: Path) -> pd.DataFrame | None:
     """The centre baseline's per-image metrics from the `baselines` run, by path."""
-    if not (out / "masks.h5").exists():
+    if not run_files(out):
         return None
-    columns, _ = read_columns(out / "masks.h5")
+    columns, _ = read_run(out)
     table = pd.DataFrame({"path": list(columns["path"])})
     table["small_object"] = np.asarray(columns["small_object"], dtype=np.float64)
     for metric in PAIRED:
@@ -236,6 +259,8 @@ def markdown(table: pd.DataFrame, command: str) -> str:
             return str(value)
         if not np.isfinite(value):
             return "n/a"
+        if column == "images":
+            return str(int(value))
         if f"{column}_low" in row and np.isfinite(row[f"{column}_low"]):
             return f"{value:.3f} [{row[f'{column}_low']:.3f}, {row[f'{column}_high']:.3f}]"
         return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
@@ -291,7 +316,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     centre = centre_table(outs["baselines"]) if "baselines" in outs else None
     records = []
     for name, out in outs.items():
-        if (out / "masks.h5").exists():
+        if run_files(out):
             records += setting_rows(name, out, centre)
     table = beats_centre(pd.DataFrame(records))
     args.results.mkdir(parents=True, exist_ok=True)

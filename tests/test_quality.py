@@ -125,3 +125,24 @@ def test_sigterm_to_the_sweep_stops_its_run_and_starts_no_other_setting(tmp_path
     assert "stopped by SIGTERM after 0 of 2 images" in stderr  # the run's own resumable stop
     assert "seed: mpbatch exited 75; rerun to resume" in stderr
     assert not (sweep / "t-paper").exists()
+
+
+def test_an_unmerged_sharded_run_is_tabulated_from_its_finished_shards(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))
+    data = tmp_path / "data" / "n01440764"
+    data.mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (34, 30), (60 * i, 90, 90)).save(data / f"{i}.png")
+    quality = _quality()
+    argv = [str(data.parent), "--out-root", str(tmp_path / "sweep"), "--stop", "4"]
+    argv += ["--settings", "seed", "--tag", "t", "--results", str(tmp_path / "results")]
+    table = quality.main(argv + ["--run-args", RUN_ARGS + " --iterations 5 --shard 1/2"])
+    out = tmp_path / "sweep" / "t-seed"
+    assert not (out / "masks.h5").exists()  # shard 0 never ran: nothing merged
+    from pipeline.store import read_columns
+
+    shard, _ = read_columns(out / "masks-00001-of-00002.h5")
+    assert list(shard["path"]) == ["n01440764/2.png", "n01440764/3.png"]
+    assert table["images"].tolist() == [2]
+    assert abs(table.loc[0, "deletion_auc"] - float(np.mean(shard["deletion_auc"]))) < 1e-6
+    assert "| seed | meaningful | 2 |" in (tmp_path / "results" / "quality_t.md").read_text()
