@@ -457,6 +457,7 @@ def merge_files(shards: list[Path], dest: str | Path, compare_keys: list[str] | 
     """
     dest = Path(dest)
     configs, columns_list, failures, rows, extra = [], [], [], 0, {}
+    timings_total: dict[str, float] = {}
     for shard in shards:
         try:
             with h5py.File(shard, "r") as file:
@@ -466,6 +467,8 @@ def merge_files(shards: list[Path], dest: str | Path, compare_keys: list[str] | 
                 for key in ("class_names", "protocol"):
                     if key in file.attrs:
                         extra.setdefault(key, file.attrs[key])
+                for key, value in json.loads(file.attrs.get("timings_total", "{}")).items():
+                    timings_total[key] = timings_total.get(key, 0) + value  # shards' seconds
         except (OSError, KeyError) as error:
             raise StoreError(f"{shard}: cannot be read ({one_line(error)})") from error
         if not complete:
@@ -493,6 +496,8 @@ def merge_files(shards: list[Path], dest: str | Path, compare_keys: list[str] | 
         file.attrs["merged_from"] = json.dumps([Path(s).name for s in shards])
         for key, value in extra.items():
             file.attrs[key] = value
+        if timings_total:
+            file.attrs["timings_total"] = json.dumps(timings_total)
         for name, values in _joined_columns(columns_list).items():
             create_column(file, name, values)
         _create_failures(file, failures)

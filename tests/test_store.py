@@ -85,3 +85,20 @@ def test_merge_keeps_the_union_of_the_shards_columns(tmp_path) -> None:
     assert list(merged["path"]) == ["x", "y", "z"]
     assert list(merged["score"]) == [1, 2, 3]
     np.testing.assert_array_equal(merged["extra"], [[np.nan] * 2] * 2 + [[0.5, 0.25]])
+
+
+def test_merge_sums_the_shards_seconds(tmp_path) -> None:
+    """A merged run still says what it cost: the shards' summed timings (seconds, images)."""
+    from pipeline.store import merge_files
+
+    shards = []
+    for number, (seconds, images) in enumerate([(30.0, 2), (12.5, 1)]):
+        shard = tmp_path / f"s{number}.h5"
+        with MaskStore.open(shard, {"shard": {"stop": number + 1}}, {}) as store:
+            store.append({"path": [f"p{number}"]}, [], next_position=number + 1)
+            store.set_attrs(timings_total={"optimize": seconds, "images": images})
+            store.finish()
+        shards.append(shard)
+    merge_files(shards, tmp_path / "m.h5", compare_keys=[])
+    _, attrs = read_columns(tmp_path / "m.h5")
+    assert attrs["timings_total"] == {"optimize": 42.5, "images": 3}
