@@ -168,10 +168,22 @@ def setting_rows(name: str, out: Path, centre: pd.DataFrame | None) -> list[dict
             record["prob_masked_median"] = float(np.nanmedian(columns["prob_masked"]))
         record["s_per_image_scoring"] = scoring / maps
         prefix = "" if own else f"{row['method']}_"
+        record["pointing_acc_small_smooth"] = small_object_mean(
+            columns, f"{prefix}pointing_hit_smooth"
+        )
         if centre is not None and row["method"] != "center":
             record.update(paired_differences(columns, prefix, centre))
         records.append(record)
     return records
+
+
+def small_object_mean(columns: dict, name: str) -> float:
+    """Mean of a per-image column over the small-object images with a value (NaN if none)."""
+    if name not in columns or "small_object" not in columns:
+        return np.nan
+    values = np.asarray(columns[name], dtype=np.float64)
+    small = (np.asarray(columns["small_object"], dtype=np.float64) > 0.5) & np.isfinite(values)
+    return float(values[small].mean()) if small.any() else np.nan
 
 
 def paired_differences(columns: dict, prefix: str, centre: pd.DataFrame) -> dict:
@@ -235,6 +247,7 @@ SHOWN = [
     "insertion_auc",
     "pointing_acc",
     "pointing_acc_small",
+    "pointing_acc_small_smooth",
     "pointing_acc_raw",
     "pointing_acc_smooth",
     "pointing_energy",

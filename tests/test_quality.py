@@ -146,3 +146,19 @@ def test_an_unmerged_sharded_run_is_tabulated_from_its_finished_shards(tmp_path,
     assert table["images"].tolist() == [2]
     assert abs(table.loc[0, "deletion_auc"] - float(np.mean(shard["deletion_auc"]))) < 1e-6
     assert "| seed | meaningful | 2 |" in (tmp_path / "results" / "quality_t.md").read_text()
+
+
+def test_small_object_pointing_counts_only_small_objects_with_a_value() -> None:
+    quality = _quality()
+    columns = {
+        "small_object": np.array([1.0, 1.0, 0.0, 1.0, np.nan]),
+        "gradcam_pointing_hit_smooth": np.array([1.0, 0.0, 1.0, np.nan, 1.0]),
+    }
+    # small and scored: images 0 and 1 (image 3 has no value, image 4 no boxes) → 1/2
+    assert quality.small_object_mean(columns, "gradcam_pointing_hit_smooth") == 0.5
+    assert np.isnan(quality.small_object_mean(columns, "pointing_hit_smooth"))
+    assert np.isnan(
+        quality.small_object_mean(
+            {**columns, "small_object": np.zeros(5)}, "gradcam_pointing_hit_smooth"
+        )
+    )
