@@ -59,6 +59,7 @@ SETTINGS: dict[str, list[str]] = {
 }
 STOPPED: list[int] = []  # signals received: a stopped sweep starts no further setting
 PAIRED = ("deletion_auc", "insertion_auc", "pointing_hit_smooth")  # against the centre
+PAIRED_GRADCAM = ("deletion_auc", "insertion_auc")  # issue 12's aim: better than Grad-CAM
 
 
 def is_small_object(data: Path, sample) -> bool:
@@ -139,7 +140,14 @@ def run_files(out: Path) -> list[Path]:
 def read_run(out: Path) -> tuple[dict, dict]:
     """The columns of a run's finished rows (shards concatenated in order) and its
     attributes (the first file's; `timings_total` summed over the shards)."""
-    parts = [read_columns(path) for path in run_files(out)]
+    parts = []
+    for path in run_files(out):
+        try:
+            parts.append(read_columns(path))
+        except OSError as error:  # e.g. locked: another shard's process is writing it
+            print(f"quality: {path}: cannot be read now, left out ({error})", file=sys.stderr)
+    if not parts:
+        raise SystemExit(f"quality: {out}: no mask file can be read")
     parts = [p for p in parts if p[1].get("rows", 0)] or parts[:1]  # a shard yet to write
     columns = {k: np.concatenate([c[k] for c, _ in parts]) for k in parts[0][0]}
     attrs = dict(parts[0][1])
@@ -172,7 +180,8 @@ def setting_rows(name: str, out: Path, centre: pd.DataFrame | None) -> list[dict
             columns, f"{prefix}pointing_hit_smooth"
         )
         if centre is not None and row["method"] != "center":
-            record.update(paired_differences(columns, prefix, centre))
+            vs_gradcam = row["method"] != "gradcam"
+            record.update(paired_differences(columns, prefix, centre, vs_gradcam))
         records.append(record)
     return records
 
@@ -186,8 +195,11 @@ def small_object_mean(columns: dict, name: str) -> float:
     return float(values[small].mean()) if small.any() else np.nan
 
 
-def paired_differences(columns: dict, prefix: str, centre: pd.DataFrame) -> dict:
-    """mean and 95% bootstrap interval of (map − centre) per image, joined by path."""
+def paired_differences(
+    columns: dict, prefix: str, centre: pd.DataFrame, vs_gradcam: bool = True
+) -> dict:
+    """mean and 95% bootstrap interval of (map − centre) per image, joined by path; with
+    `vs_gradcam`, of (map − Grad-CAM) for deletion and insertion as well."""
     mine = pd.DataFrame({"path": list(columns["path"])})
     for metric in PAIRED:
         if f"{prefix}{metric}" in columns:
@@ -204,6 +216,12 @@ def paired_differences(columns: dict, prefix: str, centre: pd.DataFrame) -> dict
                 difference = joined[metric] - joined[f"{metric}_centre"]
             mean, low, high = bootstrap_ci(difference.to_numpy())
             out.update({f"d_{metric}": mean, f"d_{metric}_low": low, f"d_{metric}_high": high})
+    for metric in PAIRED_GRADCAM if vs_gradcam else ():
+        if metric in joined and f"{metric}_gradcam" in joined:
+            difference = (joined[metric] - joined[f"{metric}_gradcam"]).to_numpy()
+            mean, low, high = bootstrap_ci(difference[np.isfinite(difference)])
+            name = f"d_gradcam_{metric}"
+            out.update({name: mean, f"{name}_low": low, f"{name}_high": high})
     return out
 
 
@@ -228,14 +246,20 @@ def beats_centre(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def centre_table(out: Path) -> pd.DataFrame | None:
-    """The centre baseline's per-image metrics from the `baselines` run, by path."""
+    """The centre baseline's per-image metrics from the `baselines` run, by path, and
+    Grad-CAM's deletion and insertion (columns `*_gradcam`) where that run has them."""
     if not run_files(out):
         return None
-    columns, _ = read_run(out)
+    columns, attrs = read_run(out)
     table = pd.DataFrame({"path": list(columns["path"])})
     table["small_object"] = np.asarray(columns["small_object"], dtype=np.float64)
     for metric in PAIRED:
         table[f"{metric}_centre"] = np.asarray(columns[f"center_{metric}"], dtype=np.float64)
+    own = row_label(attrs["config"]) == "gradcam"  # Grad-CAM as the run's method: unprefixed
+    for metric in PAIRED_GRADCAM:
+        name = metric if own else f"gradcam_{metric}"
+        if name in columns:
+            table[f"{metric}_gradcam"] = np.asarray(columns[name], dtype=np.float64)
     return table
 
 
@@ -260,6 +284,8 @@ SHOWN = [
     "d_deletion_auc",
     "d_insertion_auc",
     "d_pointing_small_smooth",
+    "d_gradcam_deletion_auc",
+    "d_gradcam_insertion_auc",
     "beats_centre",
     "beats_centre_95",
 ]

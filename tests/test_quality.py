@@ -59,6 +59,10 @@ def test_sweep_tabulates_settings_against_the_centre(tmp_path, monkeypatch) -> N
     assert list(mine["path"]) == list(theirs["path"])
     expected = np.mean(mine["deletion_auc"] - theirs["center_deletion_auc"])
     assert abs(seed["d_deletion_auc"] - expected) < 1e-9
+    # and against Grad-CAM, the baselines run's own method (its unprefixed columns)
+    expected = np.mean(np.float64(mine["insertion_auc"]) - theirs["insertion_auc"])
+    assert abs(seed["d_gradcam_insertion_auc"] - expected) < 1e-9
+    assert np.isnan(table.set_index("row").loc["gradcam", "d_gradcam_deletion_auc"])
     assert seed["s_per_image_map"] > 0 and table.loc[1, "s_per_image_map"] == 0.0
     assert seed["prob_masked_median"] == float(np.median(mine["prob_masked"]))
     assert np.isnan(table.set_index("row").loc["center", "prob_masked_median"])  # no mask
@@ -127,7 +131,9 @@ def test_sigterm_to_the_sweep_stops_its_run_and_starts_no_other_setting(tmp_path
     assert not (sweep / "t-paper").exists()
 
 
-def test_an_unmerged_sharded_run_is_tabulated_from_its_finished_shards(tmp_path, monkeypatch):
+def test_an_unmerged_sharded_run_is_tabulated_from_its_finished_shards(
+    tmp_path, monkeypatch, capsys
+) -> None:
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))
     data = tmp_path / "data" / "n01440764"
     data.mkdir(parents=True)
@@ -143,6 +149,11 @@ def test_an_unmerged_sharded_run_is_tabulated_from_its_finished_shards(tmp_path,
 
     shard, _ = read_columns(out / "masks-00001-of-00002.h5")
     assert list(shard["path"]) == ["n01440764/2.png", "n01440764/3.png"]
+    # shard 0 being written by another process cannot be opened (HDF5's lock): left out
+    (out / "masks-00000-of-00002.h5").write_bytes(b"not yet an HDF5 file")
+    again = quality.main(argv + ["--table-only"])
+    assert again["images"].tolist() == [2]
+    assert "masks-00000-of-00002.h5: cannot be read now, left out" in capsys.readouterr().err
     assert table["images"].tolist() == [2]
     assert abs(table.loc[0, "deletion_auc"] - float(np.mean(shard["deletion_auc"]))) < 1e-6
     assert "| seed | meaningful | 2 |" in (tmp_path / "results" / "quality_t.md").read_text()
