@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.report import bootstrap_ci, row_label, summary_table  # noqa: E402
-from pipeline.store import read_columns  # noqa: E402
+from pipeline.store import read_columns, sum_timings  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -151,12 +151,7 @@ def read_run(out: Path) -> tuple[dict, dict]:
     parts = [p for p in parts if p[1].get("rows", 0)] or parts[:1]  # a shard yet to write
     columns = {k: np.concatenate([c[k] for c, _ in parts]) for k in parts[0][0]}
     attrs = dict(parts[0][1])
-    totals = [a.get("timings_total") or {} for _, a in parts]
-    attrs["timings_total"] = {
-        k: sum(t.get(k, 0) or 0 for t in totals)
-        for k in totals[0]
-        if isinstance(totals[0][k], (int, float))
-    }
+    attrs["timings_total"] = sum_timings([a.get("timings_total") or {} for _, a in parts])
     return columns, attrs
 
 

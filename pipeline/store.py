@@ -447,6 +447,12 @@ def replace_columns(path: str | Path, columns: dict[str, np.ndarray], **attrs) -
 
 
 # -------------------------------------------------------------------- merging shards
+def sum_timings(totals: list[dict]) -> dict:
+    """The shards' `timings_total` (seconds per stage, images) summed key by key."""
+    keys = dict.fromkeys(k for t in totals for k, v in t.items() if isinstance(v, (int, float)))
+    return {k: sum(t.get(k, 0) or 0 for t in totals) for k in keys}
+
+
 def merge_files(shards: list[Path], dest: str | Path, compare_keys: list[str] | None = None) -> int:
     """Join complete shard files, in the given order, into one mask file; returns its rows.
 
@@ -457,7 +463,7 @@ def merge_files(shards: list[Path], dest: str | Path, compare_keys: list[str] | 
     """
     dest = Path(dest)
     configs, columns_list, failures, rows, extra = [], [], [], 0, {}
-    timings_total: dict[str, float] = {}
+    totals = []
     for shard in shards:
         try:
             with h5py.File(shard, "r") as file:
@@ -467,8 +473,7 @@ def merge_files(shards: list[Path], dest: str | Path, compare_keys: list[str] | 
                 for key in ("class_names", "protocol"):
                     if key in file.attrs:
                         extra.setdefault(key, file.attrs[key])
-                for key, value in json.loads(file.attrs.get("timings_total", "{}")).items():
-                    timings_total[key] = timings_total.get(key, 0) + value  # shards' seconds
+                totals.append(json.loads(file.attrs.get("timings_total", "{}")))
         except (OSError, KeyError) as error:
             raise StoreError(f"{shard}: cannot be read ({one_line(error)})") from error
         if not complete:
@@ -496,8 +501,8 @@ def merge_files(shards: list[Path], dest: str | Path, compare_keys: list[str] | 
         file.attrs["merged_from"] = json.dumps([Path(s).name for s in shards])
         for key, value in extra.items():
             file.attrs[key] = value
-        if timings_total:
-            file.attrs["timings_total"] = json.dumps(timings_total)
+        if any(totals):
+            file.attrs["timings_total"] = json.dumps(sum_timings(totals))
         for name, values in _joined_columns(columns_list).items():
             create_column(file, name, values)
         _create_failures(file, failures)
