@@ -299,6 +299,8 @@ def markdown(table: pd.DataFrame, command: str) -> str:
             return f"{value:.3f} [{row[f'{column}_low']:.3f}, {row[f'{column}_high']:.3f}]"
         return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
 
+    if table.empty:
+        return f"<!-- command: {command} -->\nNo setting has a finished image yet.\n"
     shown = [c for c in SHOWN if c in table]
     lines = [f"<!-- command: {command} -->", "| " + " | ".join(shown) + " |"]
     lines.append("|" + "|".join("---" for _ in shown) + "|")
@@ -353,6 +355,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         if run_files(out):
             records += setting_rows(name, out, centre)
     table = beats_centre(pd.DataFrame(records))
+    if table.empty:
+        print(f"no setting has a finished image under {args.out_root}", file=sys.stderr)
     args.results.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.results / f"quality_{tag}.csv", index=False)
     command = "python benchmarks/quality.py " + shlex.join(argv or sys.argv[1:])

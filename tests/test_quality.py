@@ -129,6 +129,9 @@ def test_sigterm_to_the_sweep_stops_its_run_and_starts_no_other_setting(tmp_path
     assert "stopped by SIGTERM after 0 of 2 images" in stderr  # the run's own resumable stop
     assert "seed: mpbatch exited 75; rerun to resume" in stderr
     assert not (sweep / "t-paper").exists()
+    # nothing finished: the table says so rather than printing an empty header
+    assert f"no setting has a finished image under {sweep}" in stderr
+    assert "No setting has a finished image yet." in (tmp_path / "quality_t.md").read_text()
 
 
 def test_an_unmerged_sharded_run_is_tabulated_from_its_finished_shards(
