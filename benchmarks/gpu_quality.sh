@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The part of issue 12's quality sweep that is too slow on a small CPU, on one CUDA GPU:
 # extremal perturbations at TorchRay's benchmark settings (`--preset torchray-voc`; about
-# 6 min an image on 2 CPU cores), beside the comparison rows (Grad-CAM, centre, random)
+# 11 min an image on one CPU thread), beside the comparison rows (Grad-CAM, centre, random)
 # scored on the same images, so the table pairs them. Both runs resume if stopped.
 #
 #   benchmarks/gpu_quality.sh OUTDIR SAMPLE [START STOP [LIMIT_S]]
