@@ -9,7 +9,8 @@
 # Images [START, STOP) of SAMPLE (default 0 100, the tuning images), runs under
 # OUTDIR/sweep, the table as OUTDIR/quality_gpu-START-STOP.{csv,md}. LIMIT_S (default 420)
 # bounds the whole sweep; a stopped sweep is tabulated as far as it got and resumes when
-# the same command is run again.
+# the same command is run again. RUN_ARGS (default "--batch-size auto --workers 8 --quiet")
+# replaces the `mpbatch run` options: a smaller batch loses less when the limit stops it.
 set -uo pipefail
 
 if [[ $# -lt 2 || $# -gt 5 ]]; then
@@ -34,7 +35,7 @@ common=("$SAMPLE" --out-root "$OUT/sweep" --start "$START" --stop "$STOP"
 rc=0
 # SIGTERM at the limit reaches mpbatch, which flushes finished batches and exits resumable
 timeout --kill-after=30 "$LIMIT" "$PYTHON" benchmarks/quality.py "${common[@]}" \
-    --run-args "--batch-size auto --workers 8 --quiet" 2>&1 | tee "$OUT/quality_sweep.log" ||
+    --run-args "${RUN_ARGS:---batch-size auto --workers 8 --quiet}" 2>&1 | tee "$OUT/quality_sweep.log" ||
     rc=$?
 "$PYTHON" benchmarks/quality.py "${common[@]}" --table-only >>"$OUT/quality_sweep.log" 2>&1
 cat "$OUT/quality_gpu-$START-$STOP.md" 2>/dev/null

@@ -18,6 +18,7 @@ localization error (energy 0.95, value 0.10, mean 0.5), seconds per image (summe
 every invocation of the run: optimising the map / scoring one map), the median target
 probability under the learnt mask (`prob_masked_median`; a deletion game aims at 0), and
 the paired differences against the centre baseline (method − centre, mean and 95% interval).
+With --per-image, also quality_<tag>_per_image.csv: every setting's per-image columns.
 """
 
 from __future__ import annotations
@@ -258,6 +259,25 @@ def centre_table(out: Path) -> pd.DataFrame | None:
     return table
 
 
+def per_image_table(outs: dict[str, Path]) -> pd.DataFrame:
+    """Every setting's per-image scalar columns side by side, one row per image (outer join
+    on `path`), named `<setting>:<column>`: what a later setting needs to be paired with
+    these runs after their mask files are gone (e.g. a GPU machine's)."""
+    table = None
+    for name, out in outs.items():
+        if not run_files(out):
+            continue
+        columns, _ = read_run(out)
+        scalars = {
+            f"{name}:{key}": values
+            for key, values in columns.items()
+            if key != "path" and np.ndim(values) == 1 and np.asarray(values).dtype.kind in "biuf"
+        }
+        part = pd.DataFrame({"path": list(columns["path"]), **scalars})
+        table = part if table is None else table.merge(part, on="path", how="outer")
+    return pd.DataFrame({"path": []}) if table is None else table
+
+
 SHOWN = [
     "setting",
     "row",
@@ -334,6 +354,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--tag", default=None, help="results name (default: data-START-STOP)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--table-only", action="store_true", help="tabulate finished runs")
+    parser.add_argument(
+        "--per-image",
+        action="store_true",
+        help="also write every setting's per-image columns as quality_<tag>_per_image.csv",
+    )
     args = parser.parse_args(argv)
     names = [n for n in args.settings.split(",") if n]
     unknown = [n for n in names if n not in SETTINGS]
@@ -361,6 +386,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     table.to_csv(args.results / f"quality_{tag}.csv", index=False)
     command = "python benchmarks/quality.py " + shlex.join(argv or sys.argv[1:])
     (args.results / f"quality_{tag}.md").write_text(markdown(table, command), encoding="utf-8")
+    if args.per_image:
+        per_image = per_image_table(outs)
+        per_image.to_csv(
+            args.results / f"quality_{tag}_per_image.csv", index=False, float_format="%.6g"
+        )
     return table
 
 

@@ -78,6 +78,16 @@ def test_sweep_tabulates_settings_against_the_centre(tmp_path, monkeypatch) -> N
     again = quality.main(argv)  # finished runs are resumed with nothing to do
     pd.testing.assert_frame_equal(again, table)
 
+    quality.main(argv + ["--table-only", "--per-image"])
+    per_image = pd.read_csv(tmp_path / "results" / "quality_t_per_image.csv").set_index("path")
+    assert sorted(per_image.index) == sorted(mine["path"])
+    rows = list(mine["path"])
+    np.testing.assert_allclose(per_image.loc[rows, "seed:deletion_auc"], mine["deletion_auc"], 1e-5)
+    np.testing.assert_allclose(
+        per_image.loc[rows, "baselines:center_insertion_auc"], theirs["center_insertion_auc"], 1e-5
+    )
+    assert "seed:deletion_curve" not in per_image  # curves and masks stay in the mask files
+
 
 def test_small_only_links_the_images_whose_label_boxes_cover_under_a_quarter(tmp_path) -> None:
     data = tmp_path / "data"
