@@ -156,9 +156,10 @@ def read_run(out: Path) -> tuple[dict, dict]:
     return columns, attrs
 
 
-def setting_rows(name: str, out: Path, centre: pd.DataFrame | None) -> list[dict]:
-    """One record per row of this setting's summary, with the paired differences."""
-    columns, attrs = read_run(out)
+def setting_rows(name: str, run: tuple[dict, dict], centre: pd.DataFrame | None) -> list[dict]:
+    """One record per row of this setting's summary (`run`: read_run's columns and
+    attributes), with the paired differences."""
+    columns, attrs = run
     label = row_label(attrs["config"])
     summary = summary_table(columns, label=label)
     making, scoring = _seconds(attrs, len(columns.get("path", [])))
@@ -241,12 +242,11 @@ def beats_centre(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(beats_centre=means, beats_centre_95=intervals)
 
 
-def centre_table(out: Path) -> pd.DataFrame | None:
-    """The centre baseline's per-image metrics from the `baselines` run, by path, and
-    Grad-CAM's deletion and insertion (columns `*_gradcam`) where that run has them."""
-    if not run_files(out):
-        return None
-    columns, attrs = read_run(out)
+def centre_table(run: tuple[dict, dict]) -> pd.DataFrame:
+    """The centre baseline's per-image metrics from the `baselines` run (read_run's columns
+    and attributes), by path, and Grad-CAM's deletion and insertion (columns `*_gradcam`)
+    where that run has them."""
+    columns, attrs = run
     table = pd.DataFrame({"path": list(columns["path"])})
     table["small_object"] = np.asarray(columns["small_object"], dtype=np.float64)
     for metric in PAIRED:
@@ -259,15 +259,13 @@ def centre_table(out: Path) -> pd.DataFrame | None:
     return table
 
 
-def per_image_table(outs: dict[str, Path]) -> pd.DataFrame:
-    """Every setting's per-image scalar columns side by side, one row per image (outer join
-    on `path`), named `<setting>:<column>`: what a later setting needs to be paired with
-    these runs after their mask files are gone (e.g. a GPU machine's)."""
+def per_image_table(runs: dict[str, tuple[dict, dict]]) -> pd.DataFrame:
+    """Every setting's per-image scalar columns side by side (`runs`: setting -> read_run's
+    columns and attributes), one row per image (outer join on `path`), named
+    `<setting>:<column>`: what a later setting needs to be paired with these runs after
+    their mask files are gone (e.g. a GPU machine's)."""
     table = None
-    for name, out in outs.items():
-        if not run_files(out):
-            continue
-        columns, _ = read_run(out)
+    for name, (columns, _) in runs.items():
         scalars = {
             f"{name}:{key}": values
             for key, values in columns.items()
@@ -374,11 +372,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 print(f"{name}: mpbatch exited {status}; rerun to resume", file=sys.stderr)
             if STOPPED:
                 break
-    centre = centre_table(outs["baselines"]) if "baselines" in outs else None
+    runs = {name: read_run(out) for name, out in outs.items() if run_files(out)}  # read once
+    centre = centre_table(runs["baselines"]) if "baselines" in runs else None
     records = []
-    for name, out in outs.items():
-        if run_files(out):
-            records += setting_rows(name, out, centre)
+    for name, run in runs.items():
+        records += setting_rows(name, run, centre)
     table = beats_centre(pd.DataFrame(records))
     if table.empty:
         print(f"no setting has a finished image under {args.out_root}", file=sys.stderr)
@@ -387,7 +385,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     command = "python benchmarks/quality.py " + shlex.join(argv or sys.argv[1:])
     (args.results / f"quality_{tag}.md").write_text(markdown(table, command), encoding="utf-8")
     if args.per_image:
-        per_image = per_image_table(outs)
+        per_image = per_image_table(runs)
         per_image.to_csv(
             args.results / f"quality_{tag}_per_image.csv", index=False, float_format="%.6g"
         )
