@@ -7,7 +7,9 @@ options are built from it, so this file names no method.
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -18,29 +20,47 @@ from pipeline.methods import DEFAULT_METHOD, method_names, option_flags, preset_
 
 
 def _user_errors(function):
-    """Turn the pipeline's user-facing exceptions into one line on stderr and exit 2."""
+    """The project's own errors (bad input, bad settings, an output made with other settings,
+    a full disk) become one line on stderr and exit 2. Anything else is unexpected: its
+    traceback is printed, then one line saying what was saved, and the exit status is 1."""
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        from pipeline.datasets import DatasetError
-        from pipeline.models import ModelError
+        from pipeline.errors import MpbatchError
         from pipeline.stopping import EXIT_INTERRUPTED, Interrupted
-        from pipeline.store import StoreError
 
         try:
             return function(*args, **kwargs)
         except Interrupted as stop:
             click.echo(f"mpbatch: {stop}", err=True)
             sys.exit(EXIT_INTERRUPTED)
-        except (DatasetError, ModelError, StoreError, ValueError, RuntimeError) as error:
+        except MpbatchError as error:
             click.echo(f"mpbatch: error: {error}", err=True)
+            if getattr(error, "exit_at_once", False):
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)  # skip HDF5's exit handlers, which crash after a failed write
             sys.exit(2)
-        except OSError as error:  # unwritable OUT, disk full, ...
-            where = f"{error.filename}: " if error.filename else ""
-            click.echo(f"mpbatch: error: {where}{error.strerror or error}", err=True)
+        except OSError as error:
+            if not error.filename:  # not a file of the user's: keep the traceback
+                raise _unexpected(error) from None
+            click.echo(f"mpbatch: error: {error.filename}: {error.strerror or error}", err=True)
             sys.exit(2)
+        except Exception as error:
+            raise _unexpected(error) from None
 
     return wrapper
+
+
+def _unexpected(error: Exception) -> SystemExit:
+    """Print the traceback of an unexpected error and what was saved; the exit to raise."""
+    traceback.print_exception(type(error), error, error.__traceback__)
+    saved = getattr(error, "mpbatch_saved", None)
+    where = f"; {saved}" if saved else ""
+    click.echo(
+        f"mpbatch: unexpected error (the traceback above is worth reporting){where}", err=True
+    )
+    return SystemExit(1)
 
 
 def _apply(function, options: list):

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import SettingsError
 from .methods import Method
 from .optimize import SpeedOptions
 from .seeding import image_seed
@@ -78,7 +79,7 @@ def auto_batch_size(
             torch.cuda.empty_cache()
         largest, batch = batch, batch * 2
     if largest == 0:
-        raise RuntimeError(f"not even one {size}×{size} image fits in GPU memory")
+        raise SettingsError(f"not even one {size}×{size} image fits in GPU memory")
     if largest == limit:
         return limit
     return max(1, int(largest * margin))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .errors import SettingsError
 from .methods import DEFAULT_METHOD, comparison_names, get_method, method_for_preset
 from .metrics import BASELINES, CurveProtocol
 from .optimize import SpeedOptions
@@ -61,7 +62,7 @@ class EvalOptions:
         known = comparisons()
         unknown = [b for b in self.baselines if b not in known]
         if unknown:
-            raise ValueError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(known)}")
+            raise SettingsError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(known)}")
 
     def for_method(self, method: str | None) -> EvalOptions:
         """These options with `smooth` resolved and the method itself not among the rows."""
@@ -157,7 +158,7 @@ class RunOptions:
         if self.preset is None:
             self.preset = next(iter(method.presets))
         if self.preset not in method.presets:
-            raise ValueError(
+            raise SettingsError(
                 f"preset {self.preset!r} is not one of --method {self.method}'s: "
                 f"{', '.join(method.presets)}"
             )
@@ -172,7 +173,7 @@ class RunOptions:
                 if on
             ]
             if asked:
-                raise ValueError(
+                raise SettingsError(
                     f"{asked[0]} does not apply to --method {self.method}: it runs in float32 "
                     "without compilation"
                 )
@@ -206,7 +207,7 @@ class RunRecord:
     layout: str = result_field()
     scoring: dict | None = result_field()  # EvalOptions.settings(), None without metrics
     speed: dict = result_field()  # what ran: SpeedOptions as applied, and the device type
-    shard: dict | None = result_field(merge=False, default=None)  # rank, world, start, stop
+    shard: dict | None = result_field(merge=False, default=None)  # rank, world
     evaluation: dict | None = None  # EvalOptions.describe(): the protocol in words
     preset: str = ""
     name: str | None = None
@@ -248,6 +249,12 @@ def upgrade_stored(stored: dict, device: torch.device) -> dict:
     speed = stored.get("speed")
     if isinstance(speed, dict):  # before CUDA graphs and the device type were recorded
         stored["speed"] = {"cuda_graphs": False, "device": device.type, **speed}
+    shard = stored.get("shard")
+    if isinstance(shard, dict) and shard.get("world") == 1:
+        # before runs were keyed by path: one process took the slice [start, stop) of the
+        # listing, i.e. all of it, which is what a single process takes now. A sharded run
+        # of then took contiguous slices, which hash sharding does not continue: refused.
+        stored["shard"] = {"rank": 0, "world": 1}
     return stored
 
 
@@ -277,7 +284,7 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+            raise SettingsError("--device cuda was asked for, but torch sees no CUDA device")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(name)
 

@@ -3,8 +3,8 @@
 `discover` turns a folder into a sorted list of `Sample` records (relative path, class index,
 boxes in original-image pixels). `ImageFolderDataset` decodes and resizes them in DataLoader
 workers and reports a bad file as a failed item instead of raising, so one broken image never
-stops a run. `shard_range` gives each process of a multi-GPU or array job its own contiguous,
-disjoint slice.
+stops a run. `resolve_shard` says which shard of a multi-GPU or array job this process runs
+(`listing.shard_positions` says which images are that shard's).
 
 Class indices are always the torchvision/timm ones: the position of a wnid in the sorted list
 of the 1000 ImageNet-1k wnids.
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from .errors import one_line
+from .errors import MpbatchError, one_line
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -47,7 +47,7 @@ _WNID_RE = re.compile(r"^n\d{8}$")
 _TIMM_INFO = ("data", "_info")
 
 
-class DatasetError(Exception):
+class DatasetError(MpbatchError):
     """A one-line, user-facing error naming the file and the reason."""
 
 
@@ -680,23 +680,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             "ok": ok,
             "error": error,
         }
-
-
-def shard_range(n: int, rank: int, world: int) -> range:
-    """Contiguous, disjoint slice of range(n) for shard `rank` of `world`.
-
-    Sizes differ by at most one (the first n % world shards get the extra item); no padding,
-    so shards may be empty when n < world.
-    """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    if world < 1:
-        raise ValueError(f"world size must be >= 1, got {world}")
-    if not 0 <= rank < world:
-        raise ValueError(f"rank must be in [0, {world}), got {rank}")
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (1 if rank < extra else 0))
 
 
 @dataclass(frozen=True)

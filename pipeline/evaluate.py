@@ -19,6 +19,7 @@ from .datasets import DatasetError, ImageFolderDataset, discover
 from .methods import DEFAULT_METHOD, get_method, settings_from_config
 from .metrics import baseline_saliency
 from .models import load_model
+from .outdir import hold, prepare_out
 from .report import write_report_csv, write_summary
 from .scoring import check_labels, evaluate_batch, image_columns
 from .store import MASKS_FILE, REPORT_FILE, SCORES_FILE, MaskStore, read_columns, replace_columns
@@ -181,11 +182,14 @@ def evaluate(options: EvaluateOptions) -> Path:
         name=options.name or config.get("name") or config.get("method") or "maps",
         evaluation=options.evaluation.describe(config.get("method")),
     ).to_config()
-    scored, failures = _score_all(options, source, samples, positions, model, size, device)
-    out = _write_scores(options, source, scored, failures, record, model, len(samples))
-    scored_file = source.masks_file or out / SCORES_FILE
-    write_report_csv(scored_file, out / REPORT_FILE)
-    write_summary(scored_file, out, skipped=len(failures))
+    if source.masks_file is None and options.out is None:
+        raise DatasetError("evaluate needs -o OUT for saliency maps not made by mpbatch")
+    scored_file = source.masks_file or prepare_out(options.out) / SCORES_FILE
+    with hold(scored_file):  # a live run or evaluation of the same file is refused at once
+        scored, failures = _score_all(options, source, samples, positions, model, size, device)
+        out = _write_scores(options, source, scored, failures, record, model)
+        write_report_csv(scored_file, out / REPORT_FILE)
+        write_summary(scored_file, out, skipped=len(failures))
     return scored_file
 
 
@@ -254,7 +258,7 @@ def _score_all(options, source, samples, positions, model, size, device):
     return {k: v[order] for k, v in merged.items()}, failures
 
 
-def _write_scores(options, source, scored, failures, record, model, end: int) -> Path:
+def _write_scores(options, source, scored, failures, record, model) -> Path:
     """Store the scores: in place for a run (metric columns only), else OUT/scores.h5."""
     class_names = list(model.class_names)
     if source.masks_file is not None:
@@ -275,13 +279,11 @@ def _write_scores(options, source, scored, failures, record, model, end: int) ->
             class_names=class_names,
         )
         return source.masks_file.parent
-    if options.out is None:
-        raise DatasetError("evaluate needs -o OUT for saliency maps not made by mpbatch")
     out = Path(options.out)
     store = MaskStore.open(out / SCORES_FILE, record, versions(), overwrite=True)
     try:
         strings = {k: [str(x) for x in v] for k, v in scored.items() if v.dtype == object}
-        store.append({**scored, **strings}, failures, next_position=end)
+        store.append({**scored, **strings}, failures)
         store.set_attrs(protocol=record["evaluation"], class_names=class_names)
         store.finish()
     finally:

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .errors import SettingsError
 from .perturbations import apply_blur_pyramid, blur_pyramid, smooth_zero_padded
 
 VARIANTS = ("preserve", "delete", "dual")
@@ -100,15 +101,15 @@ class ExtremalSettings:
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+            raise SettingsError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.reward not in REWARDS:
-            raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
+            raise SettingsError(f"reward must be one of {REWARDS}, got {self.reward!r}")
         if not self.areas or not all(0.0 < a < 1.0 for a in self.areas):
-            raise ValueError(f"areas must be fractions in (0, 1), got {self.areas}")
+            raise SettingsError(f"areas must be fractions in (0, 1), got {self.areas}")
         if self.step < 1 or self.sigma <= 0 or self.temperature < 0:
-            raise ValueError("step must be ≥ 1, sigma > 0 and temperature ≥ 0")
+            raise SettingsError("step must be ≥ 1, sigma > 0 and temperature ≥ 0")
         if self.margin is not None and self.margin < 0:
-            raise ValueError(f"margin must be ≥ 0, got {self.margin}")
+            raise SettingsError(f"margin must be ≥ 0, got {self.margin}")
 
     def replace(self, **changes) -> ExtremalSettings:
         """A copy with some fields changed; None values are ignored (unset CLI options)."""

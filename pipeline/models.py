@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .errors import one_line
+from .errors import MpbatchError, one_line
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -99,7 +99,7 @@ _ACCEPTED_FORMS = (
 )
 
 
-class ModelError(Exception):
+class ModelError(MpbatchError):
     """A model cannot be built or its weights cannot be loaded; the message is one line."""
 
 

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .errors import SettingsError
 from .perturbations import (
     apply_blur_pyramid,
     blur_pyramid,
@@ -107,7 +108,7 @@ class MaskSettings:
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+                raise SettingsError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
     def replace(self, **changes) -> MaskSettings:
         """A copy with some fields changed; None values are ignored (unset CLI options)."""
@@ -251,11 +252,13 @@ class SpeedOptions:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise SettingsError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.adam not in ADAM_IMPLEMENTATIONS:
-            raise ValueError(f"adam must be one of {ADAM_IMPLEMENTATIONS}, got {self.adam!r}")
+            raise SettingsError(f"adam must be one of {ADAM_IMPLEMENTATIONS}, got {self.adam!r}")
         if self.cuda_graphs and not self.compile:
-            raise ValueError("cuda_graphs needs compile (they are torch.compile's reduce-overhead)")
+            raise SettingsError(
+                "cuda_graphs needs compile (they are torch.compile's reduce-overhead)"
+            )
 
     @classmethod
     def recommended(
@@ -694,7 +697,7 @@ def optimize_masks(
     device = images.device
     speed = (speed or SpeedOptions()).resolved(device, getattr(model, "name", ""))
     if settings.game not in GAMES:
-        raise ValueError(f"unknown game {settings.game!r}; choose from {', '.join(GAMES)}")
+        raise SettingsError(f"unknown game {settings.game!r}; choose from {', '.join(GAMES)}")
     mean_colour = getattr(model, "mean", None)
     scene = _make_scene(images, settings, seeds, substrate, mean_colour, original_sizes)
     noise_scale = _noise_scale(model, settings, device)

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import SettingsError
+
 SUBSTRATES = ("blur-median", "blur", "constant", "noise")
 
 
@@ -194,7 +196,7 @@ def make_substrate(
         return colour.expand_as(images).clone()
     if kind == "noise":
         return noise_substrate(images, noise_sigma, mean_colour, generators)
-    raise ValueError(f"unknown perturbation {kind!r}; choose from {', '.join(SUBSTRATES)}")
+    raise SettingsError(f"unknown perturbation {kind!r}; choose from {', '.join(SUBSTRATES)}")
 
 
 # ----------------------------------------------------------------------------- TorchRay's blur

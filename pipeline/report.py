@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from .errors import SettingsError
 from .store import MASKS_FILE, SCORES_FILE, read_columns, read_failures
 
 # Per-image columns in the order they appear in report.csv (those present in the file).
@@ -529,7 +530,7 @@ def compare_runs(paths: list[Path], names: list[str] | None = None) -> pd.DataFr
     name) and the run's `model` / `preset` from its masks.h5 (or scores.h5) config.
     """
     if names and len(names) != len(paths):
-        raise ValueError(f"{len(names)} names for {len(paths)} runs; give one --name per run")
+        raise SettingsError(f"{len(names)} names for {len(paths)} runs; give one --name per run")
     tables = []
     for position, path in enumerate(paths):
         path = Path(path)

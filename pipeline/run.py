@@ -33,10 +33,13 @@ from .configuration import (
     upgrade_stored,
     versions,
 )
-from .datasets import DatasetError, ImageFolderDataset, Sample, discover, resolve_shard, shard_range
+from .datasets import DatasetError, ImageFolderDataset, Sample, Shard, discover, resolve_shard
+from .errors import MpbatchError
+from .listing import Listing, compare, shard_positions
 from .methods import Method, get_method
 from .models import NormalizedClassifier, load_model
 from .optimize import SpeedOptions
+from .outdir import hold, prepare_out
 from .report import write_failures_csv, write_report_csv, write_summary
 from .scoring import check_labels, evaluate_batch, image_columns
 from .shards import all_shards_complete, merge_once, output_names
@@ -65,6 +68,7 @@ class _Job:
     model: NormalizedClassifier
     speed: SpeedOptions
     samples: list[Sample]
+    listing: Listing
     store: MaskStore
     timings: dict[str, float]
     stop: StopSignals
@@ -73,9 +77,10 @@ class _Job:
 def run(options: RunOptions) -> RunResult:
     """Explain every image of options.data (this process's shard of it) into options.out.
 
-    Resumes what an earlier run with the same settings left. SIGTERM/SIGUSR1 stop within
-    an iteration: the unfinished batch is dropped, what is done is flushed, and Interrupted
-    is raised (the CLI exits 75).
+    Resumes what an earlier run with the same settings left, by path: images added to the
+    folder since are explained, rows of removed or replaced images are moved out (see
+    MaskStore.reconcile). SIGTERM/SIGUSR1 stop within an iteration: the unfinished batch is
+    dropped, what is done is flushed, and Interrupted is raised (the CLI exits 75).
     """
     started = time.perf_counter()
     method = get_method(options.method)
@@ -86,8 +91,9 @@ def run(options: RunOptions) -> RunResult:
         boxes_dir=options.boxes_dir,
     )
     samples = samples[: options.limit] if options.limit is not None else samples
+    listing = Listing.of(options.data, [s.path for s in samples])
     shard = resolve_shard(options.shard, os.environ)
-    part = shard_range(len(samples), shard.rank, shard.world)
+    part = shard_positions(listing.paths, shard.rank, shard.world)
     device = pick_device(options.device, shard.local_rank)
     model = load_model(options.model, options.weights).to(device)
     settings = method.resolve_settings(options.mask_settings(), model)
@@ -99,8 +105,50 @@ def run(options: RunOptions) -> RunResult:
         chosen = auto_batch_size(probe, options.size, device)
         options = dataclasses.replace(options, batch_size=chosen)
         print(f"mpbatch: --batch-size auto chose {chosen}", file=sys.stderr)
+    record = _record(options, settings, layout, speed, device, shard, model)
+    out = prepare_out(options.out)
+    masks_name, report_name, failures_name = output_names(shard)
+    with hold(out / masks_name):
+        store = MaskStore.open(
+            out / masks_name,
+            record.to_config(),
+            versions(),
+            compare_keys=RunRecord.resume_keys(),
+            overwrite=options.overwrite,
+            fill_stored=lambda stored: upgrade_stored(stored, device),
+        )
+        if store.repaired:
+            print(f"mpbatch: {store.repaired}", file=sys.stderr)
+        with StopSignals() as stop:
+            job = _Job(options, method, settings, model, speed, samples, listing, store, {}, stop)
+            outcome = _explain_into(job, part, shard, started)
+        write_report_csv(out / masks_name, out / report_name)
+        write_failures_csv(out / masks_name, out / failures_name)
+    if stop.received is not None:
+        raise Interrupted(
+            f"stopped by {stop.received} after {len(part) - outcome.left} of {len(part)} "
+            f"images of {out / masks_name}; rerun the same command to resume"
+        )
+    if shard.world == 1 and options.evaluation is not None:
+        write_summary(out / masks_name, out, skipped=outcome.failures)
+    elif shard.world > 1 and all_shards_complete(out, shard.world):
+        merge_once(out)
+    seconds = time.perf_counter() - started
+    return RunResult(
+        out,
+        outcome.processed,
+        outcome.failed,
+        outcome.rows,
+        seconds,
+        out / masks_name,
+        job.timings,
+    )
+
+
+def _record(options, settings, layout, speed, device, shard, model) -> RunRecord:
+    """What the mask file records of this run (RunRecord marks what must match to resume)."""
     evaluation = options.evaluation
-    record = RunRecord(
+    return RunRecord(
         data=str(Path(options.data).resolve()),
         model=options.model,
         weights=options.weights,
@@ -111,9 +159,9 @@ def run(options: RunOptions) -> RunResult:
         target=options.target,
         limit=options.limit,
         layout=layout,
-        scoring=None if options.evaluation is None else options.evaluation.settings(),
+        scoring=None if evaluation is None else evaluation.settings(),
         speed={**speed.to_dict(), "device": device.type},  # CPU and CUDA noise differ
-        shard={"rank": shard.rank, "world": shard.world, "start": part.start, "stop": part.stop},
+        shard={"rank": shard.rank, "world": shard.world},
         preset=options.preset,
         name=options.name or options.method,
         evaluation=None if evaluation is None else evaluation.describe(options.method),
@@ -122,54 +170,74 @@ def run(options: RunOptions) -> RunResult:
         workers=options.workers,
         device=options.device,
     )
-    out = Path(options.out)
-    masks_name, report_name, failures_name = output_names(shard)
-    store = MaskStore.open(
-        out / masks_name,
-        record.to_config(),
-        versions(),
-        compare_keys=RunRecord.resume_keys(),
-        overwrite=options.overwrite,
-        fill_stored=lambda stored: upgrade_stored(stored, device),
-    )
-    if store.repaired:
-        print(f"mpbatch: {store.repaired}", file=sys.stderr)
-    timings = {"load": 0.0, "optimize": 0.0, "evaluate": 0.0, "write": 0.0}
-    with StopSignals() as stop:
-        job = _Job(options, method, settings, model, speed, samples, store, timings, stop)
-        try:
-            processed, failed = _run_batches(job, part, shard.tag if shard.world > 1 else "")
-            timings["total"] = seconds = time.perf_counter() - started
-            timings["images_per_s"] = processed / seconds if seconds > 0 else 0.0
-            protocol = (
-                None if options.evaluation is None else options.evaluation.describe(options.method)
-            )
-            store.set_attrs(
-                class_names=list(model.class_names),
-                timings=timings,
-                timings_total=_add_timings(store.get_attr("timings_total", {}), timings, processed),
-                protocol=protocol,
-            )
-            total_rows, done = store.rows, max(store.next_position, part.start) >= part.stop
-            next_position, skipped = store.next_position, store.n_failures
-            if stop.received is None and done:
-                store.finish()
-        finally:
-            store.close()
-    write_report_csv(out / masks_name, out / report_name)
-    write_failures_csv(out / masks_name, out / failures_name)
-    if stop.received is not None:
-        finished = max(next_position, part.start) - part.start
-        raise Interrupted(
-            f"stopped by {stop.received} after {finished} of {len(part)} images of "
-            f"{out / masks_name}; rerun the same command to resume"
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    processed: int  # images written by this invocation
+    failed: int  # images that failed in this invocation
+    left: int  # images of the shard not done (a stop signal came)
+    rows: int  # rows in the file now
+    failures: int  # failures in the file now
+
+
+def _explain_into(job: _Job, part: list[int], shard: Shard, started: float) -> _Outcome:
+    """Resume the store by path, explain what is left of `part`, and close the store
+    (complete when nothing is left). An unexpected error is re-raised with a note
+    (`mpbatch_saved`) of what is saved, for the CLI to print after its traceback."""
+    store, timings = job.store, job.timings
+    timings.update({"load": 0.0, "optimize": 0.0, "evaluate": 0.0, "write": 0.0})
+    try:
+        todo = _resume_by_path(store, job.listing, part, job.options.data)
+        processed, failed = _run_batches(job, part, todo, shard.tag if shard.world > 1 else "")
+        timings["total"] = seconds = time.perf_counter() - started
+        timings["images_per_s"] = processed / seconds if seconds > 0 else 0.0
+        evaluation = job.options.evaluation
+        store.set_attrs(
+            class_names=list(job.model.class_names),
+            timings=timings,
+            timings_total=_add_timings(store.get_attr("timings_total", {}), timings, processed),
+            protocol=None if evaluation is None else evaluation.describe(job.options.method),
         )
-    if shard.world == 1 and options.evaluation is not None:
-        write_summary(out / masks_name, out, skipped=skipped)
-    elif shard.world > 1 and all_shards_complete(out, shard.world):
-        merge_once(out)
-    seconds = time.perf_counter() - started
-    return RunResult(out, processed, failed, total_rows, seconds, out / masks_name, timings)
+        left = 0 if job.stop.received is None else len(todo) - processed - failed
+        outcome = _Outcome(processed, failed, left, store.rows, store.n_failures)
+        if job.stop.received is None:
+            store.sort_by_index()
+            store.finish()
+    except Exception as error:
+        if not isinstance(error, MpbatchError) and not store.closed:
+            error.mpbatch_saved = (  # type: ignore[attr-defined]
+                f"{store.rows} images and {store.n_failures} failures are saved in "
+                f"{store.path}; rerun the same command to resume"
+            )
+        raise
+    finally:
+        store.close()
+    return outcome
+
+
+def _resume_by_path(store: MaskStore, listing: Listing, part: list[int], data) -> list[int]:
+    """The positions of `part` still to explain, after matching the stored rows to today's
+    listing (MaskStore.reconcile); says in one line how the listing changed, if it did."""
+    today = {listing.paths[i]: (i, int(listing.sizes[i]), int(listing.mtimes[i])) for i in part}
+    earlier = store.listing()
+    reconciled = store.reconcile(today)
+    store.set_listing(listing)
+    todo = [i for i in part if listing.paths[i] not in reconciled.done]
+    change = compare(earlier, listing) if earlier is not None else None
+    if change or reconciled.gone or reconciled.replaced:
+        moved = reconciled.gone + reconciled.replaced
+        where = f" moved to {reconciled.dropped_file}" if reconciled.dropped_file else ""
+        print(
+            f"mpbatch: {data} changed since {store.path} was last written"
+            + (f" ({change.describe()})" if change else "")
+            + f": {moved} rows of removed or replaced images{where}; "
+            f"{len(todo)} images to explain",
+            file=sys.stderr,
+        )
+    if todo:
+        store.mark_incomplete()
+    return todo
 
 
 def _add_timings(previous: dict, timings: dict, processed: int) -> dict:
@@ -181,20 +249,18 @@ def _add_timings(previous: dict, timings: dict, processed: int) -> dict:
     return summed
 
 
-def _run_batches(job: _Job, part: range, tag: str) -> tuple[int, int]:
-    """Explain, score and store the batches of `part` not done yet; returns (written,
-    failed). Stops early, dropping the unfinished batch, when a stop signal arrives."""
-    start = max(job.store.next_position, part.start)
-    remaining = range(start, part.stop)
-    if len(remaining) == 0:
+def _run_batches(job: _Job, part: list[int], todo: list[int], tag: str) -> tuple[int, int]:
+    """Explain, score and store the images at positions `todo`; returns (written, failed).
+    Stops early, dropping the unfinished batch, when a stop signal arrives."""
+    if not todo:
         print(f"{job.store.path}: all {len(part)} images already done", file=sys.stderr)
         return 0, 0
     options = job.options
     device = next(iter(job.model.buffers())).device
-    dataset = ImageFolderDataset(options.data, job.samples, options.size, indices=remaining)
+    dataset = ImageFolderDataset(options.data, job.samples, options.size, indices=todo)
     bar = tqdm(
         total=len(part),
-        initial=start - part.start,
+        initial=len(part) - len(todo),
         unit="img",
         desc=f"masks {tag}".strip(),
         disable=not options.progress,
@@ -208,8 +274,8 @@ def _run_batches(job: _Job, part: range, tag: str) -> tuple[int, int]:
             job.stop.check()
             written, failures = _process_batch(job, batch)
             processed, failed = processed + written, failed + len(failures)
-            for _, path, reason in failures:
-                bar.write(f"skipped {path}: {reason}")
+            for failure in failures:
+                bar.write(f"skipped {failure[1]}: {failure[2]}")
             bar.update(len(batch["index"]))
             job.stop.check()
             tick = time.perf_counter()
@@ -223,8 +289,11 @@ def _run_batches(job: _Job, part: range, tag: str) -> tuple[int, int]:
 def _process_batch(job: _Job, batch: dict) -> tuple[int, list[tuple[int, str, str]]]:
     positions = batch["index"].tolist()
     ok = batch["ok"].tolist()
+    listing = job.listing
     failures = [
-        (p, job.samples[p].path, batch["error"][i]) for i, p in enumerate(positions) if not ok[i]
+        (p, listing.paths[p], batch["error"][i], int(listing.sizes[p]), int(listing.mtimes[p]))
+        for i, p in enumerate(positions)
+        if not ok[i]
     ]
     if failures and job.options.on_error == "fail":
         raise DatasetError(f"{failures[0][1]}: {failures[0][2]} (--on-error fail)")
@@ -244,8 +313,10 @@ def _process_batch(job: _Job, batch: dict) -> tuple[int, list[tuple[int, str, st
             )
 
         columns = halve_on_oom(work, len(good))
+        columns["file_size"] = listing.sizes[where]
+        columns["file_mtime_ns"] = listing.mtimes[where]
     tick = time.perf_counter()
-    job.store.append(columns, failures, next_position=positions[-1] + 1)
+    job.store.append(columns, failures)
     job.timings["write"] += time.perf_counter() - tick
     return len(good), failures
 

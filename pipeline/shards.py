@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import h5py
 
 from .configuration import RunRecord
 from .datasets import Shard
+from .outdir import OutputInUse, hold
 from .report import write_failures_csv, write_report_csv, write_summary
 from .store import (
     FAILURES_FILE,
@@ -19,8 +19,6 @@ from .store import (
     merge_files,
     read_columns,
 )
-
-MERGE_LOCK = ".merging"
 
 
 def output_names(shard: Shard) -> tuple[str, str, str]:
@@ -59,43 +57,37 @@ def merge_once(out: Path) -> Path | None:
     """Merge the shards unless another shard's process is merging them already.
 
     The last shards of a run can finish at the same moment, each see all shards complete,
-    and both write OUT/masks.h5; an exclusively created lock file lets one of them merge.
-    Returns the merged file, or None when the lock was taken.
+    and both write OUT/masks.h5; the lock of masks.h5 lets one of them merge. Returns the
+    merged file, or None when another process holds it.
     """
-    lock = out / MERGE_LOCK
-    try:
-        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        print(
-            f"{lock} exists: another shard is merging (if none is, run `mpbatch merge {out}`)",
-            file=sys.stderr,
-        )
-        return None
     try:
         return merge(out)
-    finally:
-        lock.unlink(missing_ok=True)
+    except OutputInUse as busy:
+        print(f"mpbatch: not merging: {busy}", file=sys.stderr)
+        return None
 
 
 def merge(out: str | Path) -> Path:
     """Join OUT/masks-IIIII-of-NNNNN.h5 into OUT/masks.h5 with report.csv, failures.csv and
-    the summary; refuses (StoreError) when shards are missing, incomplete or inconsistent."""
+    the summary; refuses (StoreError) when shards are missing, incomplete, inconsistent or
+    made from other listings, and (OutputInUse) while another process writes masks.h5."""
     out = Path(out)
-    found = shard_files(out)
-    if not found:
-        raise StoreError(f"{out}: no shard files (masks-IIIII-of-NNNNN.h5) to merge")
-    if len(found) > 1:
-        raise StoreError(f"{out}: shard files of several world sizes {sorted(found)}; keep one")
-    world, files = next(iter(found.items()))
-    missing = [f"masks-{r:05d}-of-{world:05d}.h5" for r in range(world) if r not in files]
-    if missing:
-        raise StoreError(f"{out}: missing shards {', '.join(missing)}; run them, then merge")
     merged = out / MASKS_FILE
-    shards = [files[r] for r in range(world)]
-    merge_files(shards, merged, compare_keys=RunRecord.merge_keys())
-    write_report_csv(merged, out / REPORT_FILE)
-    failures = write_failures_csv(merged, out / FAILURES_FILE)
-    _, attrs = read_columns(merged)
-    if attrs["config"].get("evaluation") is not None:
-        write_summary(merged, out, skipped=len(failures))
+    with hold(merged):
+        found = shard_files(out)
+        if not found:
+            raise StoreError(f"{out}: no shard files (masks-IIIII-of-NNNNN.h5) to merge")
+        if len(found) > 1:
+            raise StoreError(f"{out}: shard files of several world sizes {sorted(found)}; keep one")
+        world, files = next(iter(found.items()))
+        missing = [f"masks-{r:05d}-of-{world:05d}.h5" for r in range(world) if r not in files]
+        if missing:
+            raise StoreError(f"{out}: missing shards {', '.join(missing)}; run them, then merge")
+        shards = [files[r] for r in range(world)]
+        merge_files(shards, merged, compare_keys=RunRecord.merge_keys())
+        write_report_csv(merged, out / REPORT_FILE)
+        failures = write_failures_csv(merged, out / FAILURES_FILE)
+        _, attrs = read_columns(merged)
+        if attrs["config"].get("evaluation") is not None:
+            write_summary(merged, out, skipped=len(failures))
     return merged

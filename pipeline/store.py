@@ -3,45 +3,64 @@
 Layout of a mask file (one per shard; `masks.h5` for a single-process run):
 
     /masks          N×h×w float32, 1 = pixel kept (the optimisation resolution)
-    /path           N UTF-8 strings, relative to the data root
-    /index          N int64, position of the image in the run's sample list
+    /path           N UTF-8 strings, relative to the data root: the key of a row
+    /file_size, /file_mtime_ns   N int64: the stamp of the image file the row was made from
+    /index          N int64, position of the image in the run's listing
     /<column>       N (or N×K) numbers: label, target, pred, prob_clean, prob_masked, ...
-    /failures/{index,path,reason}   images that could not be decoded
-    attrs: config (JSON), versions (JSON), rows, failures, next_position, format
+    /failures/{index,path,reason,file_size,file_mtime_ns}   images that could not be decoded
+    /listing/{path,file_size,file_mtime_ns}   the whole listing of the last invocation
+    attrs: config (JSON), versions (JSON), rows, failures, batches, format, listing_sha256
 
 Commit protocol: a batch's rows are written first (datasets grown and filled), then the
-counters `rows`, `failures` and `next_position` are updated and the file is flushed. Rows
-beyond `rows` are leftovers of an interrupted write and are cut off when the file is
-reopened, so a resumed run never duplicates or skips an image.
+counters `rows`, `failures` and `batches` are updated and the file is flushed. Rows beyond
+`rows` are leftovers of an interrupted write and are cut off when the file is reopened.
+
+A resumed run keys rows by path, never by position (`reconcile`): rows whose image is gone
+from today's listing, or whose file was replaced (another size or mtime), are moved to a file
+of their own under OUT/dropped/, the rest are renumbered to today's positions, and what is
+left to do is every image of today's listing without a row or a failure. `sort_by_index`
+puts the rows in listing order at the end. So a changed folder neither duplicates nor skips
+an image.
 
 HDF5 files are not crash-safe: a process killed in the middle of a write can leave one
 that does not open. So every batch is first written to a small journal file of its own
-(`.masks.parts/part-<next_position>.h5`, written under a temporary name and renamed, so a
-part is either whole or absent), then appended to the main file. When the main file is
-damaged it is moved aside (`*.damaged`) and rebuilt from the journal; when it is behind the
-journal the missing batches are replayed. The journal is deleted once the run completes.
+(`.masks.parts/part-<batch>.h5`, written under a temporary name and renamed, so a part is
+either whole or absent), then appended to the main file. When the main file is damaged it
+is moved aside (`*.damaged`) and rebuilt from the journal; when it is behind the journal
+(fewer committed batches) the missing batches are replayed. The journal is deleted once the
+run completes. A write that fails (disk full, quota) raises StoreError naming the file; what
+was committed before stays, and a rerun resumes.
 """
 
 from __future__ import annotations
 
+import datetime
+import errno
+import functools
 import json
 import os
+import re
 import shutil
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from .errors import one_line
+from .errors import MpbatchError, one_line
+from .listing import UNKNOWN, Listing, compare, same_stamp
 
 FORMAT = "mpbatch-masks-1"
 MASKS_FILE = "masks.h5"  # a run's file (shards: masks-IIIII-of-NNNNN.h5)
 SCORES_FILE = "scores.h5"  # `evaluate`'s file for maps not made by mpbatch
 REPORT_FILE = "report.csv"
 FAILURES_FILE = "failures.csv"
+DROPPED_DIR = "dropped"  # rows whose image left the listing, one file per resume that dropped
 STRING = h5py.string_dtype("utf-8")
 FAILURE_FIELDS = ("index", "path", "reason")
+STAMP_COLUMNS = ("file_size", "file_mtime_ns")
 
 
 # Crash testing: MPBATCH_KILL_AT="stage:n" kills this process with SIGKILL the n-th time it
@@ -65,8 +84,21 @@ class _UncleanShutdown(Exception):
     """The file was left open for writing by a process that died."""
 
 
-class StoreError(Exception):
-    """A one-line, user-facing problem with an output file."""
+class StoreError(MpbatchError):
+    """A one-line, user-facing problem with an output file.
+
+    exit_at_once: HDF5 failed in the middle of a write (disk full). Its library then crashes
+    at interpreter exit (a segmentation fault with h5py 3.16, HDF5 2.0), so the CLI ends the
+    process with os._exit after saying so; the journal keeps everything for the rerun."""
+
+    def __init__(self, message: str, *, exit_at_once: bool = False) -> None:
+        super().__init__(message)
+        self.exit_at_once = exit_at_once
+
+
+def _is_lock_error(error: BaseException) -> bool:
+    """HDF5's own file lock: another process has the file open (not a damaged file)."""
+    return "unable to lock file" in str(error).lower()
 
 
 def _string_array(values) -> np.ndarray:
@@ -82,15 +114,19 @@ def _as_column(values) -> np.ndarray:
     return np.asarray(values)
 
 
-def create_column(group: h5py.Group, name: str, values, rows: int | None = None) -> h5py.Dataset:
+def create_column(
+    group: h5py.Group, name: str, values, rows: int | None = None, fitted: bool = False
+) -> h5py.Dataset:
     """The one way a per-row dataset is made: resizable along the rows, chunked about 1 MB,
     strings as UTF-8, NaN as the fill value of floats. With `rows` (≥ 0) the dataset starts
     with that many fill rows and `values` only sets its type and row shape; else it holds
-    `values`."""
+    `values`. `fitted`: one chunk of exactly the rows given (a journal part, never grown)."""
     array = _as_column(values)
     dtype = STRING if array.dtype.kind in "OUS" else array.dtype
     row_shape = array.shape[1:]
     chunk_rows = max(1, min(256, (1 << 20) // max(1, array[0:1].nbytes or 8)))
+    if fitted:
+        chunk_rows = max(1, len(array))
     floating = dtype is not STRING and np.issubdtype(np.dtype(dtype), np.floating)
     dataset = group.create_dataset(
         name,
@@ -105,6 +141,61 @@ def create_column(group: h5py.Group, name: str, values, rows: int | None = None)
     return dataset
 
 
+_HDF5_OS_MESSAGE = re.compile(r"error message = '([^']*)'")
+
+
+def _os_reason(error: Exception) -> str:
+    """The OS's words for a failed write ("No space left on device"), also when HDF5 wraps
+    them in a long message; else the error as one line."""
+    found = _HDF5_OS_MESSAGE.search(str(error))
+    if found:
+        return found.group(1)
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return one_line(error)
+
+
+def _write_errors_are_store_errors(method):
+    """A write that fails (disk full, quota, file size limit) raises StoreError with one line
+    naming the file; HDF5 reports such failures as OSError or RuntimeError. What was committed
+    before stays, and a rerun resumes."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (OSError, RuntimeError) as error:
+            if isinstance(error, MpbatchError):
+                raise
+            self._let_go()
+            raise StoreError(
+                f"{self.path}: cannot write ({_os_reason(error)}); what was written before is "
+                "kept: rerun the same command to resume once it can be written",
+                exit_at_once=True,
+            ) from error
+
+    return wrapper
+
+
+def _quiet_hdf5_deallocation(unraisable) -> None:
+    """After a failed write HDF5 repeats the error as each of the file's objects is freed
+    ("Exception ignored in: h5py._objects.ObjectID.__dealloc__"), dozens of tracebacks after
+    the one line that says it; other unraisable errors go to Python's own hook."""
+    if "h5py" not in repr(unraisable.object) and "ObjectID" not in str(unraisable.err_msg):
+        sys.__unraisablehook__(unraisable)
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What `MaskStore.reconcile` found: the paths done (a row or a failure), and the rows
+    and failures it moved out because their image is gone or was replaced."""
+
+    done: frozenset[str]
+    gone: int
+    replaced: int
+    dropped_file: Path | None
+
+
 class MaskStore:
     """An open mask file in append mode. Use `MaskStore.open(...)`; close with `close()`."""
 
@@ -112,6 +203,9 @@ class MaskStore:
         self.file = file
         self.path = path
         self.repaired = ""  # what was repaired on opening, for the log
+        self.closed = False
+        self.broken = False  # a write failed: HDF5's state is not to be trusted
+        sys.unraisablehook = _quiet_hdf5_deallocation
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -130,19 +224,39 @@ class MaskStore:
         compare_keys: the config keys that must match to resume (all keys when None).
         fill_stored: applied to the stored config before the comparison, to fill in settings
         that files of older versions did not record (their values then were the defaults).
-        Raises StoreError when the existing file was made with other settings, or is damaged
-        with no journal to rebuild it from.
+        Raises StoreError when the existing file was made with other settings, is open in
+        another process, cannot be written, or is damaged with no journal to rebuild it from.
         """
         path = Path(path)
+        try:
+            return cls._open(path, config, versions, compare_keys, overwrite, fill_stored)
+        except OSError as error:
+            raise StoreError(f"{path}: cannot be written ({_os_reason(error)})") from error
+
+    @classmethod
+    def _open(cls, path, config, versions, compare_keys, overwrite, fill_stored) -> MaskStore:
         parts = journal_dir(path)
         if overwrite:
             path.unlink(missing_ok=True)
             shutil.rmtree(parts, ignore_errors=True)
+        for leftover in parts.glob(".tmp-*") if parts.is_dir() else []:
+            leftover.unlink()  # a part whose write failed (disk full) or was killed
         has_journal = bool(_part_files(parts))
+        if path.exists() and not os.access(path, os.W_OK):
+            raise StoreError(f"{path}: the file is not writable (its permissions)")
         if path.exists():
             try:
                 store = cls._reopen(path, trust_unclean=not has_journal)
             except (OSError, KeyError, ValueError) as error:
+                if isinstance(error, PermissionError) or "errno = 13" in str(error):
+                    raise StoreError(
+                        f"{path}: the file is not writable ({one_line(error)})"
+                    ) from error
+                if _is_lock_error(error):
+                    raise StoreError(
+                        f"{path} is open in another process (HDF5 file lock: {one_line(error)}); "
+                        "close it there, then rerun"
+                    ) from error
                 if not has_journal:
                     raise StoreError(
                         f"{path} is damaged ({one_line(error)}) and has no journal to rebuild "
@@ -198,7 +312,7 @@ class MaskStore:
         file.attrs["versions"] = json.dumps(versions, sort_keys=True)
         file.attrs["rows"] = 0
         file.attrs["failures"] = 0
-        file.attrs["next_position"] = 0
+        file.attrs["batches"] = 0
         _create_failures(file, [])
         store = cls(file, path)
         store._mark_writing(True)
@@ -226,17 +340,20 @@ class MaskStore:
                 if dataset.shape[0] < rows:
                     raise ValueError(f"dataset {dataset.name} is shorter than the committed rows")
                 dataset.resize(rows, axis=0)
-        for field in FAILURE_FIELDS:
-            dataset = self.file["failures"][field]
+        for dataset in self.file["failures"].values():
             if dataset.shape[0] != failures:
                 dataset.resize(failures, axis=0)
 
     def _replay_journal(self) -> None:
-        """Append journal parts that the main file does not hold yet."""
+        """Append journal parts that the main file does not hold yet: those of a later batch
+        than its last commit (files of mpbatch ≤ 0.1 count positions instead of batches)."""
+        committed = self.batches
+        old_position = int(self.file.attrs.get("next_position", -1))
         for part in _part_files(journal_dir(self.path)):
-            columns, failures, next_position = _read_part(part)
-            if next_position > self.next_position:
-                self._append_main(columns, failures, next_position)
+            columns, failures, batch, next_position = _read_part(part)
+            later = batch > committed if batch is not None else next_position > old_position
+            if later:
+                self._append_main(columns, failures, batch if batch is not None else committed)
 
     # ---------------------------------------------------------------- state
     @property
@@ -248,34 +365,144 @@ class MaskStore:
         return int(self.file.attrs["failures"])
 
     @property
-    def next_position(self) -> int:
-        """How many samples of the run's list are done (written or recorded as failures)."""
-        return int(self.file.attrs["next_position"])
+    def batches(self) -> int:
+        """How many batches have been committed (the journal's part numbers)."""
+        return int(self.file.attrs.get("batches", 0))
 
     @property
     def config(self) -> dict:
         return json.loads(self.file.attrs["config"])
 
-    # ---------------------------------------------------------------- writing
-    def append(
-        self,
-        columns: dict[str, np.ndarray | list],
-        failures: list[tuple[int, str, str]],
-        next_position: int,
-    ) -> None:
-        """Append one batch: `columns` maps a name to B values (B×... arrays for masks and
-        curves; lists of str for strings); `failures` are (index, path, reason) triples.
+    @property
+    def complete(self) -> bool:
+        return bool(self.file.attrs.get("complete", False))
 
-        The batch goes to the journal first, then to the main file."""
+    # ---------------------------------------------------------------- resuming by path
+    @_write_errors_are_store_errors
+    def reconcile(self, today: Mapping[str, tuple[int, int, int]]) -> Reconciled:
+        """Match the stored rows and failures to today's listing of this file's images,
+        `today` = {path: (position, size, mtime_ns)}.
+
+        A row (or failure) is kept when its path is in `today` with the same stamp, once per
+        path; the others (image gone, file replaced, a duplicate) are moved to a file under
+        OUT/dropped/. Kept rows are renumbered to today's positions. Returns what is done.
+        """
+        rows = _row_keys(self.file, self.rows)
+        failures = _failure_keys(self.file["failures"], self.n_failures)
+        seen: set[str] = set()
+        kept_rows, kept_failures, gone, replaced = [], [], 0, 0
+        for keys, kept in ((rows, kept_rows), (failures, kept_failures)):
+            for r, (path, stamp) in enumerate(keys):
+                if path not in today:
+                    gone += 1
+                elif not same_stamp(stamp, today[path][1:]) or path in seen:
+                    replaced += 1
+                else:
+                    seen.add(path)
+                    kept.append(r)
+        row_index = np.array([today[rows[r][0]][0] for r in kept_rows], dtype=np.int64)
+        failure_index = np.array([today[failures[r][0]][0] for r in kept_failures], dtype=np.int64)
+        dropped = None
+        if gone or replaced:
+            dropped = self._move_out(kept_rows, kept_failures)
+        unchanged = (
+            len(kept_rows) == len(rows)
+            and len(kept_failures) == len(failures)
+            and np.array_equal(row_index, self._index("index", self.rows))
+            and np.array_equal(failure_index, self._index("failures/index", self.n_failures))
+        )
+        if not unchanged:
+            self._rewrite(kept_rows, row_index, kept_failures, failure_index)
+        return Reconciled(frozenset(seen), gone, replaced, dropped)
+
+    def _index(self, name: str, count: int) -> np.ndarray:
+        return self.file[name][:count] if name in self.file else np.zeros(0, dtype=np.int64)
+
+    def _move_out(self, kept_rows: list[int], kept_failures: list[int]) -> Path:
+        """Copy the rows and failures not kept to OUT/dropped/<stem>-<UTC time>.h5."""
+        rows = [r for r in range(self.rows) if r not in set(kept_rows)]
+        failures = [r for r in range(self.n_failures) if r not in set(kept_failures)]
+        folder = self.path.parent / DROPPED_DIR
+        folder.mkdir(exist_ok=True)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        dest = folder / f"{self.path.stem}-{stamp}.h5"
+        _copy_rows(self.file, dest, rows, None, failures, None)
+        return dest
+
+    def _rewrite(self, rows, row_index, failures, failure_index) -> None:
+        """Replace the main file by one holding only the given rows and failures (in that
+        order, with these indices), atomically: written aside, fsynced, renamed."""
+        temporary = self.path.with_name(f".{self.path.name}.rewriting")
+        _copy_rows(self.file, temporary, rows, row_index, failures, failure_index)
+        self.file.close()
+        os.replace(temporary, self.path)
+        self.file = h5py.File(self.path, "r+")
+        self._mark_writing(True)
+
+    def listing(self) -> Listing | None:
+        """The listing stored by the last invocation (None in files that predate it)."""
+        return _read_listing(self.file)
+
+    @_write_errors_are_store_errors
+    def set_listing(self, listing: Listing) -> None:
+        """Store the whole listing of this invocation (for merge's check and the next
+        resume's message), unless the stored one is the same."""
+        digest = listing.digest()
+        if self.file.attrs.get("listing_sha256") == digest:
+            return
+        if "listing" in self.file:
+            del self.file["listing"]
+        _write_listing(self.file, listing)
+        self.file.attrs["listing_sha256"] = digest
+        self.file.flush()
+
+    # ---------------------------------------------------------------- writing
+    @_write_errors_are_store_errors
+    def append(self, columns: dict[str, np.ndarray | list], failures: list[tuple]) -> None:
+        """Append one batch: `columns` maps a name to B values (B×... arrays for masks and
+        curves; lists of str for strings); `failures` are (index, path, reason) triples, or
+        (index, path, reason, size, mtime_ns) with the file's stamp.
+
+        The batch goes to the journal first, then to the main file. A failed write (disk
+        full) raises StoreError naming the file; earlier batches stay committed."""
         lengths = {len(v) for v in columns.values()}
         if len(lengths) > 1:
             raise ValueError(
                 f"columns of different lengths: { {k: len(v) for k, v in columns.items()} }"
             )
-        _write_part(journal_dir(self.path), columns, failures, next_position, self.config)
-        self._append_main(columns, failures, next_position)
+        batch = self.batches + 1
+        self._reserve(columns, failures)
+        try:
+            _write_part(journal_dir(self.path), columns, failures, batch, self.config)
+        except OSError as error:
+            raise StoreError(
+                f"{error.filename or journal_dir(self.path)}: cannot write ({_os_reason(error)}); "
+                "what was written before is kept: rerun the same command to resume once it can "
+                "be written"
+            ) from error
+        self._append_main(columns, failures, batch)
 
-    def _append_main(self, columns: dict, failures: list, next_position: int) -> None:
+    def _reserve(self, columns: dict, failures: list) -> None:
+        """Make sure the disk (and the quota) has room for this batch before anything is
+        written: allocate a file of the batch's largest possible growth of the journal and
+        the main file, then delete it. A full disk then fails here, as a plain OSError,
+        instead of in the middle of an HDF5 write (which leaves the main file unreadable
+        until a rerun rebuilds it from the journal). Skipped where the file system cannot
+        allocate ahead (EOPNOTSUPP, e.g. some NFS servers)."""
+        needed = 2 * _growth_bound(columns, failures) + (1 << 20)  # part + main, metadata
+        reserve = self.path.with_name(f".{self.path.name}.reserve")
+        descriptor = os.open(reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.posix_fallocate(descriptor, 0, needed)
+        except OSError as error:
+            if error.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return
+            raise OSError(error.errno, error.strerror, str(self.path)) from error
+        finally:
+            os.close(descriptor)
+            reserve.unlink(missing_ok=True)
+
+    def _append_main(self, columns: dict, failures: list, batch: int) -> None:
         start = self.rows
         count = len(next(iter(columns.values()))) if columns else 0
         if count:
@@ -286,7 +513,7 @@ class MaskStore:
         _crash_point("main-write")
         self.file.attrs["rows"] = start + count
         self.file.attrs["failures"] = self.n_failures + len(failures)
-        self.file.attrs["next_position"] = next_position
+        self.file.attrs["batches"] = batch
         self.file.flush()
         _crash_point("after-commit")
 
@@ -297,16 +524,14 @@ class MaskStore:
         dataset.resize(start + count, axis=0)
         dataset[start : start + count] = _as_column(values)
 
-    def _write_failures(self, failures: list[tuple[int, str, str]]) -> None:
+    def _write_failures(self, failures: list[tuple]) -> None:
         group = self.file["failures"]
         start, count = self.n_failures, len(failures)
-        for position, field in enumerate(FAILURE_FIELDS):
-            values = [f[position] for f in failures]
-            array = (
-                np.asarray(values, dtype=np.int64) if field == "index" else _string_array(values)
-            )
-            group[field].resize(start + count, axis=0)
-            group[field][start : start + count] = array
+        for name, values in _failure_columns(failures).items():
+            if name not in group:
+                create_column(group, name, values, rows=start)
+            group[name].resize(start + count, axis=0)
+            group[name][start : start + count] = values
 
     def get_attr(self, key: str, default=None):
         """A file attribute, JSON-decoded when it holds an object or a list."""
@@ -315,6 +540,7 @@ class MaskStore:
             value = json.loads(value)
         return value
 
+    @_write_errors_are_store_errors
     def set_attrs(self, **attrs) -> None:
         """Store extra file attributes (JSON-encoded when not a plain number or string)."""
         for key, value in attrs.items():
@@ -323,6 +549,25 @@ class MaskStore:
             self.file.attrs[key] = value
         self.file.flush()
 
+    @_write_errors_are_store_errors
+    def mark_incomplete(self) -> None:
+        """A finished file that has new images to explain (its folder changed)."""
+        if self.complete:
+            self.file.attrs["complete"] = False
+            self.file.flush()
+
+    @_write_errors_are_store_errors
+    def sort_by_index(self) -> None:
+        """Put the rows and failures in listing order (a resume over a changed folder
+        appends its new images last)."""
+        index = self._index("index", self.rows)
+        failure_index = self._index("failures/index", self.n_failures)
+        if np.any(np.diff(index) < 0) or np.any(np.diff(failure_index) < 0):
+            rows = np.argsort(index, kind="stable")
+            failures = np.argsort(failure_index, kind="stable")
+            self._rewrite(list(rows), index[rows], list(failures), failure_index[failures])
+
+    @_write_errors_are_store_errors
     def finish(self) -> None:
         """Mark the file complete, close it, and delete the journal (no longer needed)."""
         self.file.attrs["complete"] = True
@@ -330,16 +575,125 @@ class MaskStore:
         shutil.rmtree(journal_dir(self.path), ignore_errors=True)
 
     def close(self) -> None:
-        if self.file.id.valid:
-            if self.file.mode == "r+":
+        """Close the file (once). After a failed write it is only let go of: HDF5's state
+        is not to be trusted then, and the file, still marked as being written, is rebuilt
+        from the journal when reopened."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if not self.broken:
                 self._mark_writing(False)
-            self.file.close()
+        finally:
+            try:
+                self.file.close()
+            except (OSError, RuntimeError):
+                pass
+
+    def _let_go(self) -> None:
+        """After a failed write: close without writing anything more."""
+        self.broken = True
+        self.close()
 
     def __enter__(self) -> MaskStore:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _growth_bound(columns: dict, failures: list) -> int:
+    """Bytes a batch can add to a mask file at most: each column's rows rounded up to whole
+    chunks (create_column's chunking), plus one more chunk, and the failures likewise."""
+    total = 0
+    for values in [*columns.values(), *_failure_columns(failures).values()]:
+        array = _as_column(values)
+        row_bytes = max(8, array[0:1].nbytes) if len(array) else 8
+        chunk_rows = max(1, min(256, (1 << 20) // row_bytes))
+        total += (len(array) // chunk_rows + 2) * chunk_rows * row_bytes
+    return total
+
+
+def _failure_columns(failures: list[tuple]) -> dict[str, np.ndarray]:
+    """The failures group's columns of (index, path, reason[, size, mtime_ns]) tuples."""
+    return {
+        "index": np.array([f[0] for f in failures], dtype=np.int64),
+        "path": _string_array([f[1] for f in failures]),
+        "reason": _string_array([f[2] for f in failures]),
+        "file_size": np.array([f[3] if len(f) > 3 else UNKNOWN for f in failures], np.int64),
+        "file_mtime_ns": np.array([f[4] if len(f) > 4 else UNKNOWN for f in failures], np.int64),
+    }
+
+
+def _row_keys(group: h5py.Group, count: int) -> list[tuple[str, tuple[int, int]]]:
+    """(path, (size, mtime_ns)) of the first `count` entries of a group with a path column;
+    the stamp is unknown where the file predates stamps."""
+    if count == 0:
+        return []
+    paths = _decode(group["path"][:count])
+    stamps = [
+        group[name][:count] if name in group else np.full(count, UNKNOWN) for name in STAMP_COLUMNS
+    ]
+    return [(p, (int(s), int(m))) for p, s, m in zip(paths, *stamps, strict=True)]
+
+
+def _failure_keys(group: h5py.Group, count: int) -> list[tuple[str, tuple[int, int]]]:
+    return _row_keys(group, count)
+
+
+def _copy_rows(source: h5py.File, dest: Path, rows, row_index, failures, failure_index) -> None:
+    """Write `dest` as a copy of `source` with only the given rows and failures, in order;
+    their `index` replaced by row_index / failure_index unless None. Written and fsynced."""
+    rows, failures = np.asarray(rows, dtype=np.int64), np.asarray(failures, dtype=np.int64)
+    committed, failed = int(source.attrs["rows"]), int(source.attrs["failures"])
+    with h5py.File(dest, "w") as file:
+        for key, value in source.attrs.items():
+            file.attrs[key] = value
+        file.attrs["rows"], file.attrs["failures"] = len(rows), len(failures)
+        for name, dataset in source.items():
+            if isinstance(dataset, h5py.Dataset):
+                values = dataset[:committed][rows] if len(rows) else dataset[:0]
+                if name == "index" and row_index is not None:
+                    values = row_index
+                create_column(file, name, _decode_strings(dataset, values))
+            elif name == "listing":
+                source.copy(dataset, file, name="listing")
+        group = file.create_group("failures")
+        for name, dataset in source["failures"].items():
+            values = dataset[:failed][failures] if len(failures) else dataset[:0]
+            if name == "index" and failure_index is not None:
+                values = failure_index
+            create_column(group, name, _decode_strings(dataset, values))
+    with open(dest, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _decode_strings(dataset: h5py.Dataset, values: np.ndarray) -> np.ndarray:
+    if h5py.check_string_dtype(dataset.dtype):
+        return _string_array(_decode(values))
+    return values
+
+
+def _write_listing(file: h5py.File, listing: Listing) -> None:
+    group = file.create_group("listing")
+    create_column(group, "path", _string_array(listing.paths))
+    create_column(group, "file_size", listing.sizes)
+    create_column(group, "file_mtime_ns", listing.mtimes)
+
+
+def read_listing(path: str | Path) -> Listing | None:
+    """The listing stored in a mask file (None for files that predate listings)."""
+    with h5py.File(path, "r") as file:
+        return _read_listing(file)
+
+
+def _read_listing(file: h5py.File) -> Listing | None:
+    if "listing" not in file:
+        return None
+    group = file["listing"]
+    return Listing(
+        tuple(_decode(group["path"][()])), group["file_size"][()], group["file_mtime_ns"][()]
+    )
 
 
 # -------------------------------------------------------------------- journal
@@ -353,20 +707,30 @@ def _part_files(parts: Path) -> list[Path]:
     return sorted(parts.glob("part-*.h5")) if parts.is_dir() else []
 
 
-def _write_part(parts: Path, columns: dict, failures: list, next_position: int, config: dict):
-    """Write one batch as parts/part-<next_position>.h5, atomically (temporary name, rename)."""
+def _write_part(parts: Path, columns: dict, failures: list, batch: int, config: dict) -> None:
+    """Write one batch as parts/part-<batch>.h5, atomically (temporary name, rename).
+
+    The part is built in memory (HDF5's core driver) and written with plain file I/O, so a
+    full disk fails as an ordinary OSError and never leaves HDF5 half-way through a write."""
     parts.mkdir(parents=True, exist_ok=True)
-    final = parts / f"part-{next_position:010d}.h5"
-    temporary = parts / f".tmp-{next_position:010d}.h5"
-    with h5py.File(temporary, "w") as file:
-        file.attrs["next_position"] = next_position
+    final = parts / f"part-{batch:010d}.h5"
+    temporary = parts / f".tmp-{batch:010d}.h5"
+    with h5py.File(f"part-{batch}", "w", driver="core", backing_store=False) as file:
+        file.attrs["batch"] = batch
         file.attrs["config"] = json.dumps(config, sort_keys=True)
         rows = file.create_group("columns")
         for name, values in columns.items():
-            create_column(rows, name, values)
+            create_column(rows, name, values, fitted=True)
         _create_failures(file, failures)
-    with open(temporary, "rb+") as handle:
-        os.fsync(handle.fileno())
+        file.flush()
+        image = file.id.get_file_image()
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(image)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(temporary)) from error
     _crash_point("part-write")
     os.replace(temporary, final)
 
@@ -377,19 +741,17 @@ def _decode(values: np.ndarray) -> np.ndarray | list[str]:
     return values
 
 
-def _read_part(part: Path) -> tuple[dict, list, int]:
+def _read_part(part: Path) -> tuple[dict, list, int | None, int]:
+    """(columns, failures, batch, next_position) of a journal part; parts written by
+    mpbatch ≤ 0.1 have no batch number (None) but the position after their last image."""
     with h5py.File(part, "r") as file:
         columns = {name: _decode(d[()]) for name, d in file["columns"].items()}
         group = file["failures"]
-        failures = list(
-            zip(
-                [int(i) for i in group["index"][()]],
-                _decode(group["path"][()]),
-                _decode(group["reason"][()]),
-                strict=True,
-            )
-        )
-        return columns, failures, int(file.attrs["next_position"])
+        names = [n for n in (*FAILURE_FIELDS, *STAMP_COLUMNS) if n in group]
+        values = [_decode(group[n][()]) for n in names]
+        failures = [tuple(v) for v in zip(*values, strict=True)] if values else []
+        batch = int(file.attrs["batch"]) if "batch" in file.attrs else None
+        return columns, failures, batch, int(file.attrs.get("next_position", -1))
 
 
 def _part_config(parts: Path) -> dict:
@@ -417,15 +779,20 @@ def read_columns(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     return columns, attrs
 
 
-def read_failures(path: str | Path) -> list[tuple[int, str, str]]:
-    """The (index, path, reason) triples recorded in a mask file."""
+def read_failures(path: str | Path, stamps: bool = False) -> list[tuple]:
+    """The (index, path, reason) triples recorded in a mask file; with `stamps`, also each
+    file's (size, mtime_ns) as two more fields (unknown, -1, in older files)."""
     with h5py.File(path, "r") as file:
         count = int(file.attrs.get("failures", 0))
         group = file["failures"]
         index = group["index"][:count]
         paths = [v.decode() for v in group["path"][:count]]
         reasons = [v.decode() for v in group["reason"][:count]]
-    return [(int(i), p, r) for i, p, r in zip(index, paths, reasons, strict=True)]
+        keys = _failure_keys(group, count)
+    triples = [(int(i), p, r) for i, p, r in zip(index, paths, reasons, strict=True)]
+    if not stamps:
+        return triples
+    return [(*t, *stamp) for t, (_, stamp) in zip(triples, keys, strict=True)]
 
 
 def replace_columns(path: str | Path, columns: dict[str, np.ndarray], **attrs) -> None:
@@ -454,16 +821,17 @@ def sum_timings(totals: list[dict]) -> dict:
 
 
 def merge_files(shards: list[Path], dest: str | Path, compare_keys: list[str] | None = None) -> int:
-    """Join complete shard files, in the given order, into one mask file; returns its rows.
+    """Join complete shard files into one mask file, rows in listing order; returns its rows.
 
     The rows are copied (not linked as HDF5 virtual datasets): the merged file then stands
     alone, survives the shards being moved or deleted, and the string and failure datasets
     join the same way as the numbers. A 50,000-image run copies a few hundred MB, seconds.
-    Raises StoreError naming any shard that is incomplete or made with other settings.
+    Raises StoreError naming any shard that is incomplete, made with other settings, or made
+    from another listing of the images (naming the first images that differ).
     """
     dest = Path(dest)
     configs, columns_list, failures, rows, extra = [], [], [], 0, {}
-    totals = []
+    totals, listings = [], []
     for shard in shards:
         try:
             with h5py.File(shard, "r") as file:
@@ -479,16 +847,21 @@ def merge_files(shards: list[Path], dest: str | Path, compare_keys: list[str] | 
         if not complete:
             raise StoreError(f"{shard} is not complete: rerun its shard to finish it")
         configs.append(config)
+        listings.append(read_listing(shard))
         columns, _ = read_columns(shard)
         columns_list.append(columns)
-        failures += read_failures(shard)
+        failures += read_failures(shard, stamps=True)
         rows += len(columns.get("path", []))
     keys = compare_keys or sorted(set(configs[0]) - {"shard"})
     for shard, config in zip(shards[1:], configs[1:], strict=True):
         changed = [k for k in keys if config.get(k) != configs[0].get(k)]
         if changed:
             raise StoreError(f"{shard} was made with other settings than {shards[0]}: {changed}")
+    _check_same_listing(shards, listings)
     config = {k: v for k, v in configs[0].items() if k != "shard"}
+    joined = _joined_columns(columns_list)
+    order = np.argsort(joined["index"], kind="stable") if "index" in joined else None
+    failures.sort(key=lambda f: f[0])
     temporary = dest.with_name(f".{dest.name}.merging")
     with h5py.File(temporary, "w") as file:
         file.attrs["format"] = FORMAT
@@ -496,18 +869,35 @@ def merge_files(shards: list[Path], dest: str | Path, compare_keys: list[str] | 
         file.attrs["versions"] = versions
         file.attrs["rows"] = rows
         file.attrs["failures"] = len(failures)
-        file.attrs["next_position"] = max((c["shard"]["stop"] for c in configs), default=0)
         file.attrs["complete"] = True
         file.attrs["merged_from"] = json.dumps([Path(s).name for s in shards])
         for key, value in extra.items():
             file.attrs[key] = value
         if any(totals):
             file.attrs["timings_total"] = json.dumps(sum_timings(totals))
-        for name, values in _joined_columns(columns_list).items():
-            create_column(file, name, values)
+        for name, values in joined.items():
+            create_column(file, name, values if order is None else values[order])
         _create_failures(file, failures)
+        if listings[0] is not None:
+            _write_listing(file, listings[0])
+            file.attrs["listing_sha256"] = listings[0].digest()
     os.replace(temporary, dest)
     return rows
+
+
+def _check_same_listing(shards: list[Path], listings: list[Listing | None]) -> None:
+    """Shards must have been run over one listing of the images (files of mpbatch ≤ 0.1 have
+    none and are not checked)."""
+    first = listings[0]
+    for shard, listing in zip(shards[1:], listings[1:], strict=True):
+        if first is None or listing is None or listing.digest() == first.digest():
+            continue
+        change = compare(first, listing)
+        raise StoreError(
+            f"{shard} was run over another listing of the images than {shards[0]} "
+            f"(the folder changed between them: {change.describe()}); rerun every shard "
+            "with the same command so that each catches up, then merge"
+        )
 
 
 def _joined_columns(columns_list: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -536,9 +926,9 @@ def _joined_columns(columns_list: list[dict[str, np.ndarray]]) -> dict[str, np.n
     return joined
 
 
-def _create_failures(file: h5py.File, failures: list[tuple[int, str, str]]) -> None:
-    """The failures group: index, path and reason per image that could not be used."""
+def _create_failures(file: h5py.File, failures: list[tuple]) -> None:
+    """The failures group: index, path, reason and the file's stamp per image that could
+    not be used."""
     group = file.create_group("failures")
-    create_column(group, "index", np.array([f[0] for f in failures], dtype=np.int64))
-    for position, field in ((1, "path"), (2, "reason")):
-        create_column(group, field, _string_array([f[position] for f in failures]))
+    for name, values in _failure_columns(failures).items():
+        create_column(group, name, values)

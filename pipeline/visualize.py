@@ -24,6 +24,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from .errors import SettingsError
+
 __all__ = [
     "curves_figure",
     "curve_auc",
@@ -320,7 +322,7 @@ def render_gallery(
     columns, attrs = read_columns(_masks_file(out))
     table = per_image_table(columns, list(attrs.get("class_names", [])))
     if sort not in table:
-        raise ValueError(f"{_masks_file(out)}: no column {sort!r} to sort the gallery by")
+        raise SettingsError(f"{_masks_file(out)}: no column {sort!r} to sort the gallery by")
     order = table.sort_values(sort, ascending=not descending, na_position="last", kind="stable")
     rows = [int(r) for r in order.index[: len(order) if limit is None else limit]]
     thumbnails = (

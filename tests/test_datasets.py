@@ -27,7 +27,6 @@ from pipeline.datasets import (
     parse_voc_xml,
     pointing_boxes,
     read_synset_mapping,
-    shard_range,
 )
 
 TENCH, GOLDFISH, TOILET_TISSUE = "n01440764", "n01443537", "n15075141"  # classes 0, 1, 999
@@ -560,34 +559,13 @@ def test_dataset_indices_select_a_subset(tmp_path: Path) -> None:
     for k in range(5):
         make_image(tmp_path / f"{k}.png", size=(3, 3), color=(k * 40, 0, 0))
     samples, _ = discover(tmp_path)
-    dataset = ImageFolderDataset(tmp_path, samples, size=4, indices=shard_range(5, 1, 2))
+    dataset = ImageFolderDataset(tmp_path, samples, size=4, indices=[3, 4])
     assert len(dataset) == 2
     item = dataset[1]
     assert item["index"] == 4 and item["ok"]
     assert torch.allclose(item["image"][0], torch.full((4, 4), 160 / 255))
     with pytest.raises(IndexError):
         ImageFolderDataset(tmp_path, samples, indices=[5])
-
-
-# ----------------------------------------------------------------------------- sharding
-
-
-@pytest.mark.parametrize("n", [0, 1, 2, 7, 10, 64, 1001])
-@pytest.mark.parametrize("world", [1, 2, 3, 8, 16])
-def test_shard_range_covers_each_index_once(n: int, world: int) -> None:
-    shards = [shard_range(n, rank, world) for rank in range(world)]
-    assert [i for shard in shards for i in shard] == list(range(n))  # contiguous, in order
-    sizes = [len(shard) for shard in shards]
-    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
-    assert all(shard.step == 1 for shard in shards)
-
-
-def test_shard_range_validates_arguments() -> None:
-    assert shard_range(10, 0, 3) == range(0, 4)
-    assert shard_range(10, 2, 3) == range(7, 10)
-    for n, rank, world in [(5, 3, 3), (5, -1, 3), (5, 0, 0), (-1, 0, 1)]:
-        with pytest.raises(ValueError):
-            shard_range(n, rank, world)
 
 
 def test_sample_defaults() -> None:

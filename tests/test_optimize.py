@@ -345,12 +345,22 @@ def test_substrate_blur_is_in_pixels_of_the_original_photo() -> None:
     assert (substrate[0] - substrate[1:]).abs().max() > 0.01
 
 
+# How far a batch of 6 may be from one image at a time with a batch-invariant model. The seed
+# settings have no convolution on the mask path (bilinear upsampling, elementwise maths and
+# per-image sums), so they are bitwise equal on every kernel path measured. The paper preset
+# blurs the mask with a convolution whose CPU kernel sums in a batch-size-dependent order:
+# measured max |Δ| 6.0e-8 (9 elements) with ATen's AVX2 kernels and 8.9e-8 (21 elements) with
+# its scalar ones (ATEN_CPU_CAPABILITY=default), 1 and 2 threads alike, on an AMD EPYC
+# (Zen 4, 2026-12-07); 0 on the Intel Xeon with AMX. 1e-6 is 11x the largest of these.
+BATCH_TOLERANCE = {"seed": 0.0, "paper": 1e-6}
+
+
 @pytest.mark.parametrize("settings", [FAST, PAPER_FAST], ids=["seed", "paper"])
-def test_masks_are_bitwise_batch_invariant_with_a_batch_invariant_model(
-    settings: MaskSettings,
+def test_masks_are_batch_invariant_with_a_batch_invariant_model(
+    settings: MaskSettings, request: pytest.FixtureRequest
 ) -> None:
     # TinyCNN's CPU convolutions sum in a batch-size-dependent order (outputs ~1e-6 apart);
-    # with a model that is itself batch invariant the masks are bitwise equal.
+    # with a model that is itself batch invariant only the mask blur's rounding is left.
     model = _frozen(BrightRegionModel())
     images, seeds = _images(6), _seeds(6)
     targets = torch.zeros(6, dtype=torch.long)
@@ -366,7 +376,8 @@ def test_masks_are_bitwise_batch_invariant_with_a_batch_invariant_model(
         ).masks
         for i in range(6)
     ]
-    assert torch.equal(together.masks, torch.cat(alone))
+    gap = (together.masks - torch.cat(alone)).abs().max().item()
+    assert gap <= BATCH_TOLERANCE[request.node.callspec.id], gap
 
 
 def test_paper_preset_deletes_the_region_that_drives_the_score() -> None:

@@ -160,7 +160,7 @@ def _write_run(folder: Path, model: str, preset: str, shift: float = 0.0) -> Pat
         columns[f"{prefix}pointing_energy"] = np.array([0.6, 0.5, 0.1, 0.4, NAN, 0.9])
     config = {"model": model, "preset": preset, "mask": {"iterations": 3}}
     with MaskStore.open(folder / "masks.h5", config, {"torch": "x"}) as store:
-        store.append(columns, [(6, "broken.jpg", "truncated")], next_position=7)
+        store.append(columns, [(6, "broken.jpg", "truncated")])
         timings = {"load": 1.0, "optimize": 6.0, "evaluate": 2.0, "write": 1.0, "total": 10.0}
         store.set_attrs(
             protocol=PROTOCOL, class_names=["a", "b", "c"], timings=timings | {"images_per_s": 0.6}
@@ -213,7 +213,7 @@ def test_markdown_table_marks_missing_values() -> None:
 def test_write_summary_without_protocol_or_curves(tmp_path) -> None:
     path = tmp_path / "masks.h5"
     with MaskStore.open(path, {"model": "tiny"}, {}) as store:
-        store.append({m: np.array([0.5, 1.0]) for m in METRICS}, [], next_position=2)
+        store.append({m: np.array([0.5, 1.0]) for m in METRICS}, [])
     table = write_summary(path, tmp_path / "out", n_resamples=10)
     assert list(table["method"]) == ["method"]
     md = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")

@@ -1,4 +1,5 @@
-"""Sharding: slices from every launcher's environment, merged shards equal one process."""
+"""Sharding: every launcher's environment, a stable split by path, merged shards equal one
+process, and a folder that changes between shards."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from tiny_models import TINY_OPTIONS
 
 import pipeline.shards as shards
 from cli import main
-from pipeline.datasets import DatasetError, resolve_shard, shard_range
+from pipeline.datasets import DatasetError, resolve_shard
+from pipeline.listing import shard_of, shard_positions
 from pipeline.store import read_columns
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,9 +37,10 @@ ARGS = [
 
 
 def _covered(n: int, shards) -> list[int]:
+    paths = [f"img{i:03d}.png" for i in range(n)]
     covered = []
     for shard in shards:
-        covered += list(shard_range(n, shard.rank, shard.world))
+        covered += shard_positions(paths, shard.rank, shard.world)
     return covered
 
 
@@ -90,9 +93,20 @@ def test_every_launcher_environment_covers_each_image_once(n: int) -> None:
         assert len(worlds) == 1 and worlds.pop() == len(envs), name
         covered = _covered(n, shards)
         assert sorted(covered) == list(range(n)), name  # each image exactly once
-        # contiguous: each shard's slice is a range, in rank order
-        ordered = sorted(shards, key=lambda s: s.rank)
-        assert _covered(n, ordered) == list(range(n)), name
+
+
+def test_an_image_keeps_its_shard_whatever_the_listing() -> None:
+    """The split is by a hash of the path alone: adding or removing other images moves no
+    image to another shard, so two shards never both explain one image, nor none of them."""
+    paths = [f"n{i:05d}/ILSVRC2012_val_{i:08d}.JPEG" for i in range(400)]
+    for world in (2, 3, 16):
+        before = {paths[i]: r for r in range(world) for i in shard_positions(paths, r, world)}
+        changed = paths[50:] + ["new/a.JPEG", "new/b.JPEG"]  # 50 removed, 2 added
+        after = {changed[i]: r for r in range(world) for i in shard_positions(changed, r, world)}
+        assert all(after[p] == before[p] for p in paths[50:])
+        assert all(after[p] == shard_of(p, world) for p in changed)
+        sizes = [len(shard_positions(paths, r, world)) for r in range(world)]
+        assert sum(sizes) == 400 and min(sizes) > 0.5 * 400 / world  # roughly even
 
 
 def test_torchrun_local_rank_and_bad_specs() -> None:
@@ -230,15 +244,17 @@ def test_extremal_shards_merged_equal_one_process(data, tmp_path) -> None:
 
 
 def test_only_one_finishing_shard_merges(tmp_path, monkeypatch, capsys) -> None:
+    from pipeline.outdir import hold
+
     merged = []
     monkeypatch.setattr(shards, "merge", lambda out: merged.append(out) or out / "masks.h5")
     assert shards.merge_once(tmp_path) == tmp_path / "masks.h5"
-    assert merged == [tmp_path] and not (tmp_path / shards.MERGE_LOCK).exists()
+    assert merged == [tmp_path]
+    monkeypatch.undo()
 
-    (tmp_path / shards.MERGE_LOCK).touch()  # another process is merging
-    assert shards.merge_once(tmp_path) is None
-    assert merged == [tmp_path] and (tmp_path / shards.MERGE_LOCK).exists()
-    assert "another shard is merging" in capsys.readouterr().err
+    with hold(tmp_path / "masks.h5"):  # another process is merging (or writing masks.h5)
+        assert shards.merge_once(tmp_path) is None
+    assert "is in use" in capsys.readouterr().err and not (tmp_path / "masks.h5").exists()
 
 
 def _images(folder: Path, names: list[str], broken: tuple[str, ...] = ()) -> Path:
@@ -264,7 +280,7 @@ def test_a_shard_without_images_completes_and_the_run_merges(tmp_path) -> None:
     assert shards.all_shards_complete(out, 3)
     merged, attrs = read_columns(out / "masks.h5")
     assert list(merged["path"]) == ["a.png", "b.png"] and attrs["complete"]
-    empty = [r for r in range(3) if len(shard_range(2, r, 3)) == 0]
+    empty = [r for r in range(3) if not shard_positions(["a.png", "b.png"], r, 3)]
     assert empty, "the case needs an empty shard"
     again = CliRunner().invoke(
         main, ["run", str(data), "-o", str(out), *ARGS, "--shard", f"{empty[0]}/3"]
@@ -275,8 +291,9 @@ def test_a_shard_without_images_completes_and_the_run_merges(tmp_path) -> None:
 def test_a_shard_whose_images_all_fail_completes_and_merges_the_union(tmp_path) -> None:
     """Its file has no columns at all; the merge used to keep only columns every shard has,
     i.e. none."""
-    names = ["a.png", "b.png", "c.jpg", "d.jpg"]
-    data = _images(tmp_path / "data", names, broken=("c.jpg", "d.jpg"))
+    names = ["a.png", "b.png", "c.jpg", "e.jpg"]
+    data = _images(tmp_path / "data", names, broken=("c.jpg", "e.jpg"))
+    assert shard_positions(names, 0, 2) == [2, 3]  # shard 0 holds the broken images only
     out = tmp_path / "out"
     for rank in range(2):
         args = ["run", str(data), "-o", str(out), *ARGS, "--shard", f"{rank}/2"]
@@ -286,3 +303,32 @@ def test_a_shard_whose_images_all_fail_completes_and_merges_the_union(tmp_path) 
     assert merged["masks"].shape == (2, 8, 8) and "deletion_auc" in merged
     assert attrs["failures"] == 2
     assert (out / "failures.csv").read_text().count(".jpg") == 2
+
+
+def test_a_folder_changed_between_shards_is_refused_then_caught_up(tmp_path) -> None:
+    """Shard 0 runs, the folder changes (one image removed, two added), shard 1 runs: the
+    merge refuses, naming the files; shard 0 rerun catches up; the merged run then holds
+    every image of today's folder exactly once, and equals one process over it."""
+    names = [f"im{i:02d}.png" for i in range(8)]
+    data = _images(tmp_path / "data", names)
+    out = tmp_path / "out"
+    shard = ["--shard", "0/2"]
+    assert (
+        CliRunner().invoke(main, ["run", str(data), "-o", str(out), *ARGS, *shard]).exit_code == 0
+    )
+    (data / "im02.png").unlink()
+    Image.new("RGB", (30, 30), (200, 10, 10)).save(data / "im02a.png")
+    Image.new("RGB", (30, 30), (10, 200, 10)).save(data / "im09.png")
+    last = CliRunner().invoke(main, ["run", str(data), "-o", str(out), *ARGS, "--shard", "1/2"])
+    assert last.exit_code == 2, last.output
+    assert "another listing" in last.output and "removed (im02.png)" in last.output
+    assert not (out / "masks.h5").exists()
+    again = CliRunner().invoke(main, ["run", str(data), "-o", str(out), *ARGS, *shard])
+    assert again.exit_code == 0, again.output
+    merged = read_columns(out / "masks.h5")[0]
+    today = sorted(p.name for p in data.iterdir())
+    assert list(merged["path"]) == today  # each image once, in listing order
+    assert list(merged["index"]) == list(range(len(today)))
+    single = tmp_path / "single"
+    assert CliRunner().invoke(main, ["run", str(data), "-o", str(single), *ARGS]).exit_code == 0
+    _assert_equal(merged, read_columns(single / "masks.h5")[0])

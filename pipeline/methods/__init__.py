@@ -28,6 +28,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..errors import SettingsError
+
 _REGISTRY: dict[str, Method] = {}
 _LOADED = False
 
@@ -137,7 +139,7 @@ def method_names() -> list[str]:
 def get_method(name: str) -> Method:
     _load_all()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(method_names())}")
+        raise SettingsError(f"unknown method {name!r}; choose from {', '.join(method_names())}")
     return _REGISTRY[name]
 
 
@@ -153,7 +155,7 @@ def method_for_preset(preset: str | None) -> str:
     for name in method_names():
         if preset in get_method(name).presets:
             return name
-    raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(preset_names())}")
+    raise SettingsError(f"unknown preset {preset!r}; choose from {', '.join(preset_names())}")
 
 
 def comparison_names() -> list[str]:
@@ -185,11 +187,11 @@ def parse_overrides(method_name: str, given: dict[str, str | None]) -> dict[str,
             continue
         flag = "--" + name.replace("_", "-")
         if name not in hints:
-            raise ValueError(f"{flag} does not apply to --method {method_name}")
+            raise SettingsError(f"{flag} does not apply to --method {method_name}")
         try:
             values[name] = _parse(hints[name], str(text))
         except ValueError as error:
-            raise ValueError(f"{flag} {text!r}: {error}") from None
+            raise SettingsError(f"{flag} {text!r}: {error}") from None
     return values
 
 
@@ -206,7 +208,7 @@ def _parse(kind: Any, text: str) -> Any:
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError("expected true or false")
+        raise SettingsError("expected true or false")
     if kind in (int, float):
         return kind(text)
     return text

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SettingsError
 from . import Method, register
 
 # model-name prefix -> the layer Grad-CAM reads (the last convolutional block's output)
@@ -72,7 +73,7 @@ def default_layer(model: nn.Module) -> str:
     names = list(modules)
     convolutions = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
     if not convolutions:
-        raise ValueError(f"model {name!r} has no Conv2d layer for Grad-CAM; give --layer")
+        raise SettingsError(f"model {name!r} has no Conv2d layer for Grad-CAM; give --layer")
     last = convolutions[-1]
     following = names.index(last) + 1
     if following < len(names) and isinstance(modules[names[following]], nn.ReLU):
