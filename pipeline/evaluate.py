@@ -22,7 +22,15 @@ from .models import load_model
 from .outdir import hold, prepare_out
 from .report import write_report_csv, write_summary
 from .scoring import check_labels, evaluate_batch, image_columns
-from .store import MASKS_FILE, REPORT_FILE, SCORES_FILE, MaskStore, read_columns, replace_columns
+from .store import (
+    MASKS_FILE,
+    REPORT_FILE,
+    SCORES_FILE,
+    MaskStore,
+    StoreError,
+    read_columns,
+    replace_columns,
+)
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,13 @@ def read_saliency_source(options: EvaluateOptions) -> SaliencySource:
         with h5py.File(source, "r") as file:
             is_run = "masks" in file and "config" in file.attrs
     except OSError as error:
+        if "unable to lock file" in str(error).lower():
+            with hold(source):  # a live mpbatch run writes it: OutputInUse names the holder
+                pass
+            raise StoreError(
+                f"{source} is open in another process (HDF5's file lock); close it there, "
+                "then rerun"
+            ) from error
         raise DatasetError(f"{source}: not a readable HDF5 file ({error})") from error
     if is_run:
         columns, attrs = read_columns(source)

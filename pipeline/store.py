@@ -57,6 +57,7 @@ MASKS_FILE = "masks.h5"  # a run's file (shards: masks-IIIII-of-NNNNN.h5)
 SCORES_FILE = "scores.h5"  # `evaluate`'s file for maps not made by mpbatch
 REPORT_FILE = "report.csv"
 FAILURES_FILE = "failures.csv"
+LISTING_PART = "listing.h5"  # the journal's copy of the stored listing
 DROPPED_DIR = "dropped"  # rows whose image left the listing, one file per resume that dropped
 STRING = h5py.string_dtype("utf-8")
 FAILURE_FIELDS = ("index", "path", "reason")
@@ -264,16 +265,16 @@ class MaskStore:
                     ) from error
                 damaged = path.with_name(path.name + ".damaged")
                 os.replace(path, damaged)
-                store = cls._create(path, _part_config(parts), versions)
+                store = cls._rebuild(path, versions)
                 store.repaired = f"{path} was damaged: moved to {damaged.name}, rebuilt"
             except _UncleanShutdown:
                 # The last writer died with the file open: HDF5 may hold half-written metadata
                 # that only fails later, so rebuild it from the journal rather than trust it.
                 path.unlink()
-                store = cls._create(path, _part_config(parts), versions)
+                store = cls._rebuild(path, versions)
                 store.repaired = f"{path} was not closed cleanly: rebuilt from its journal"
         elif has_journal:
-            store = cls._create(path, _part_config(parts), versions)
+            store = cls._rebuild(path, versions)
         else:
             return cls._create(path, config, versions)
         store._check_config(config, compare_keys, fill_stored)
@@ -302,6 +303,20 @@ class MaskStore:
         file found with it set was not closed cleanly."""
         self.file.attrs["writing"] = writing
         self.file.flush()
+
+    @classmethod
+    def _rebuild(cls, path: Path, versions: dict) -> MaskStore:
+        """A new main file from the journal's config and listing; the parts are replayed
+        after the config check."""
+        parts = journal_dir(path)
+        store = cls._create(path, _part_config(parts), versions)
+        if (parts / LISTING_PART).exists():
+            with h5py.File(parts / LISTING_PART, "r") as journal:
+                listing = _read_listing(journal)
+            if listing is not None:
+                _write_listing(store.file, listing)
+                store.file.attrs["listing_sha256"] = listing.digest()
+        return store
 
     @classmethod
     def _create(cls, path: Path, config: dict, versions: dict) -> MaskStore:
@@ -446,7 +461,8 @@ class MaskStore:
     @_write_errors_are_store_errors
     def set_listing(self, listing: Listing) -> None:
         """Store the whole listing of this invocation (for merge's check and the next
-        resume's message), unless the stored one is the same."""
+        resume's message), unless the stored one is the same; the journal keeps a copy,
+        so that a main file rebuilt from it still knows the listing."""
         digest = listing.digest()
         if self.file.attrs.get("listing_sha256") == digest:
             return
@@ -455,6 +471,9 @@ class MaskStore:
         _write_listing(self.file, listing)
         self.file.attrs["listing_sha256"] = digest
         self.file.flush()
+        _write_journal_file(
+            journal_dir(self.path) / LISTING_PART, lambda f: _write_listing(f, listing)
+        )
 
     # ---------------------------------------------------------------- writing
     @_write_errors_are_store_errors
@@ -471,8 +490,8 @@ class MaskStore:
                 f"columns of different lengths: { {k: len(v) for k, v in columns.items()} }"
             )
         batch = self.batches + 1
-        self._reserve(columns, failures)
-        try:
+        try:  # both fail as plain OSErrors, before HDF5 touches the main file
+            self._reserve(columns, failures)
             _write_part(journal_dir(self.path), columns, failures, batch, self.config)
         except OSError as error:
             raise StoreError(
@@ -708,20 +727,27 @@ def _part_files(parts: Path) -> list[Path]:
 
 
 def _write_part(parts: Path, columns: dict, failures: list, batch: int, config: dict) -> None:
-    """Write one batch as parts/part-<batch>.h5, atomically (temporary name, rename).
+    """Write one batch as parts/part-<batch>.h5 (see _write_journal_file)."""
 
-    The part is built in memory (HDF5's core driver) and written with plain file I/O, so a
-    full disk fails as an ordinary OSError and never leaves HDF5 half-way through a write."""
-    parts.mkdir(parents=True, exist_ok=True)
-    final = parts / f"part-{batch:010d}.h5"
-    temporary = parts / f".tmp-{batch:010d}.h5"
-    with h5py.File(f"part-{batch}", "w", driver="core", backing_store=False) as file:
+    def fill(file: h5py.File) -> None:
         file.attrs["batch"] = batch
         file.attrs["config"] = json.dumps(config, sort_keys=True)
         rows = file.create_group("columns")
         for name, values in columns.items():
             create_column(rows, name, values, fitted=True)
         _create_failures(file, failures)
+
+    _write_journal_file(parts / f"part-{batch:010d}.h5", fill)
+
+
+def _write_journal_file(final: Path, fill: Callable[[h5py.File], None]) -> None:
+    """Write an HDF5 file of the journal atomically (temporary name, fsync, rename). It is
+    built in memory (HDF5's core driver) and written with plain file I/O, so a full disk
+    fails as an ordinary OSError and never leaves HDF5 half-way through a write."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.with_name(f".tmp-{final.name}")
+    with h5py.File(final.name, "w", driver="core", backing_store=False) as file:
+        fill(file)
         file.flush()
         image = file.id.get_file_image()
     try:

@@ -212,3 +212,190 @@ def test_stop_is_honoured_within_seconds_with_workers(data, tmp_path):
     assert waited < 30, f"the stop took {waited:.1f} s"
     columns, attrs = read_columns(out / "masks.h5")
     assert attrs["rows"] == attrs["failures"] == 0  # the unfinished batch dropped
+
+
+# ------------------------------------------------------------------ a folder that changes
+def _copy(data: Path, folder: Path) -> Path:
+    folder.mkdir()
+    for path in data.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def _new_image(path: Path, seed: int) -> None:
+    pixels = np.random.default_rng(seed).integers(0, 255, (36, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def assert_matches_a_fresh_run(out: Path, data: Path, tmp_path: Path) -> None:
+    """The resumed run holds every image of today's folder exactly once, in listing order,
+    and equals a run made from scratch over today's folder: the same rows, failures and
+    integers; floats up to rounding (its batches held other neighbours)."""
+    fresh = tmp_path / "fresh"
+    result = mpbatch("run", str(data), "-o", str(fresh), *ARGS)
+    assert result.returncode == 0, result.stderr
+    got, attrs = read_columns(out / "masks.h5")
+    want, _ = read_columns(fresh / "masks.h5")
+    today = sorted(p.name for p in data.iterdir() if "broken" not in p.name)
+    assert list(got["path"]) == today
+    assert set(got) == set(want)
+    for name, values in want.items():
+        if values.dtype.kind == "f":
+            assert np.allclose(got[name], values, atol=1e-5, equal_nan=True), name
+        else:
+            assert np.array_equal(got[name], values), name
+    assert read_failures(out / "masks.h5") == read_failures(fresh / "masks.h5")
+    assert attrs["complete"] and not journal_dir(out / "masks.h5").exists()
+
+
+def test_a_same_count_swap_resumes_by_path(data, tmp_path):
+    """The issue's reproduction: kill after the first batch, remove one image and add
+    another (the same count), rerun. Main kept positions, so one image came twice and the
+    new one never."""
+    folder = _copy(data, tmp_path / "data")
+    out = tmp_path / "out"
+    killed = mpbatch(
+        "run", str(folder), "-o", str(out), *ARGS, env={"MPBATCH_KILL_AT": "after-commit:1"}
+    )
+    assert killed.returncode == -signal.SIGKILL
+    (folder / "img07.png").unlink()
+    _new_image(folder / "img00a.png", 100)
+    resumed = mpbatch("run", str(folder), "-o", str(out), *ARGS)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "1 added (img00a.png), 1 removed (img07.png), 0 replaced" in resumed.stderr
+    assert_matches_a_fresh_run(out, folder, tmp_path)
+
+
+def test_added_files_are_explained(data, tmp_path):
+    folder = _copy(data, tmp_path / "data")
+    out = tmp_path / "out"
+    killed = mpbatch(
+        "run", str(folder), "-o", str(out), *ARGS, env={"MPBATCH_KILL_AT": "after-commit:2"}
+    )
+    assert killed.returncode == -signal.SIGKILL
+    _new_image(folder / "img00a.png", 101)  # before the images already done
+    _new_image(folder / "img99.png", 102)
+    resumed = mpbatch("run", str(folder), "-o", str(out), *ARGS)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "2 added (img00a.png, img99.png)" in resumed.stderr
+    assert "0 rows of removed or replaced images" in resumed.stderr
+    assert_matches_a_fresh_run(out, folder, tmp_path)
+
+
+def test_rows_of_removed_files_are_moved_out_not_lost(data, tmp_path):
+    folder = _copy(data, tmp_path / "data")
+    out = tmp_path / "out"
+    killed = mpbatch(
+        "run", str(folder), "-o", str(out), *ARGS, env={"MPBATCH_KILL_AT": "after-commit:2"}
+    )
+    assert killed.returncode == -signal.SIGKILL
+    (folder / "img01.png").unlink()  # done before the kill
+    (folder / "img09.png").unlink()  # not yet done
+    resumed = mpbatch("run", str(folder), "-o", str(out), *ARGS)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "2 removed (img01.png, img09.png)" in resumed.stderr
+    assert "1 rows of removed or replaced images moved to" in resumed.stderr
+    (moved,) = (out / "dropped").glob("masks-*.h5")
+    assert list(read_columns(moved)[0]["path"]) == ["img01.png"]
+    assert_matches_a_fresh_run(out, folder, tmp_path)
+
+
+def test_a_file_replaced_under_the_same_name_is_explained_again(data, tmp_path):
+    folder = _copy(data, tmp_path / "data")
+    out = tmp_path / "out"
+    killed = mpbatch(
+        "run", str(folder), "-o", str(out), *ARGS, env={"MPBATCH_KILL_AT": "after-commit:1"}
+    )
+    assert killed.returncode == -signal.SIGKILL
+    before = read_columns(out / "masks.h5")[0]
+    assert "img01.png" in list(before["path"])
+    _new_image(folder / "img01.png", 103)  # other pixels, same name
+    resumed = mpbatch("run", str(folder), "-o", str(out), *ARGS)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "1 replaced (img01.png)" in resumed.stderr
+    after = read_columns(out / "masks.h5")[0]
+    row = list(after["path"]).index("img01.png")
+    assert not np.allclose(after["masks"][row], before["masks"][1])  # explained anew
+    assert_matches_a_fresh_run(out, folder, tmp_path)
+
+
+def test_a_finished_run_explains_images_added_since(data, tmp_path):
+    """Main said "already done" and never explained the new image."""
+    folder = _copy(data, tmp_path / "data")
+    out = tmp_path / "out"
+    assert mpbatch("run", str(folder), "-o", str(out), *ARGS).returncode == 0
+    (folder / "img03.png").unlink()
+    _new_image(folder / "img03b.png", 104)
+    again = mpbatch("run", str(folder), "-o", str(out), *ARGS)
+    assert again.returncode == 0, again.stderr
+    assert "already done" not in again.stderr and "1 masks written" in again.stdout
+    assert_matches_a_fresh_run(out, folder, tmp_path)
+    unchanged = mpbatch("run", str(folder), "-o", str(out), *ARGS)
+    assert "already done" in unchanged.stderr and "changed" not in unchanged.stderr
+
+
+# ------------------------------------------------------------------ two processes, one OUT
+def _wait_for_holder(out: Path, process, timeout: float = 120) -> str:
+    lock = out / ".masks.h5.lock"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        text = lock.read_text() if lock.exists() else ""
+        if text.startswith("pid"):
+            return text.strip()
+        time.sleep(0.05)
+    raise AssertionError("the first run never took its lock")
+
+
+def test_a_second_process_on_a_live_out_is_refused_even_with_overwrite(data, reference, tmp_path):
+    out = tmp_path / "out"
+    first = mpbatch("run", str(data), "-o", str(out), *ARGS, "--iterations", "1000000", wait=False)
+    holder = _wait_for_holder(out, first)
+    assert holder.startswith(f"pid {first.pid} on ")
+    for extra in ([], ["--overwrite"]):
+        second = mpbatch("run", str(data), "-o", str(out), *ARGS, "--iterations", "1000000", *extra)
+        assert second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "is in use" in lines[0] and holder in lines[0], lines
+        assert "damaged" not in second.stderr
+    scored = mpbatch("evaluate", str(out))
+    assert scored.returncode == 2 and "is in use" in scored.stderr
+    first.send_signal(signal.SIGTERM)  # the first run was not disturbed: it stops cleanly
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == EXIT_INTERRUPTED, stderr
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block(data, reference, tmp_path):
+    out = tmp_path / "out"
+    first = mpbatch("run", str(data), "-o", str(out), *ARGS, wait=False)
+    _wait_for_holder(out, first)
+    first.kill()
+    first.wait()
+    assert (out / ".masks.h5.lock").read_text().startswith("pid")  # stale text stays
+    resumed = mpbatch("run", str(data), "-o", str(out), *ARGS)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(out, reference)
+
+
+# ------------------------------------------------------------------ unexpected errors
+def test_an_unexpected_error_keeps_its_traceback_and_says_what_is_saved(data, reference, tmp_path):
+    out = tmp_path / "out"
+    failing = [
+        a if a != "tiny_models:make_tiny_cnn" else "tiny_models:make_failing_cnn" for a in ARGS
+    ]
+    parts = journal_dir(out / "masks.h5")
+    broken = mpbatch(
+        "run", str(data), "-o", str(out), *failing, env={"MPBATCH_TEST_FAIL_WHEN": str(parts)}
+    )
+    assert broken.returncode == 1
+    assert "Traceback (most recent call last)" in broken.stderr
+    assert "RuntimeError: simulated fault inside the model's forward" in broken.stderr
+    last = broken.stderr.strip().splitlines()[-1]
+    assert last.startswith("mpbatch: unexpected error")
+    assert "3 images and 0 failures are saved in" in last and "resume" in last
+    resumed = mpbatch("run", str(data), "-o", str(out), *failing)
+    assert resumed.returncode == 0, resumed.stderr
+    got, _ = read_columns(out / "masks.h5")
+    want, _ = read_columns(reference / "masks.h5")
+    assert list(got["path"]) == list(want["path"])
+    assert np.array_equal(got["masks"], want["masks"])  # the same network, bit for bit

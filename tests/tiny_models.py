@@ -73,3 +73,22 @@ def make_tiny_cnn() -> nn.Module:
 
 def make_bright_region() -> nn.Module:
     return BrightRegionModel()
+
+
+class FailingAfterFirstBatch(TinyCNN):
+    """TinyCNN whose forward raises a RuntimeError (an unexpected error: a bug, a driver
+    fault) once the folder named by MPBATCH_TEST_FAIL_WHEN holds a journal part, i.e. after
+    the run committed its first batch. Without the variable it is TinyCNN."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import os
+        from pathlib import Path
+
+        parts = os.environ.get("MPBATCH_TEST_FAIL_WHEN")
+        if parts and any(Path(parts).glob("part-*.h5")):
+            raise RuntimeError("simulated fault inside the model's forward")
+        return super().forward(x)
+
+
+def make_failing_cnn() -> nn.Module:
+    return FailingAfterFirstBatch()
