@@ -39,7 +39,10 @@ CMAP = "jet"
 ALPHA = 0.5  # opacity of the coloured saliency over the image
 
 # Columns that identify an image rather than score it: never offered as metrics.
-ID_COLUMNS = frozenset({"index", "row", "path", "width", "height", "label", "target", "pred"})
+ID_COLUMNS = frozenset(
+    {"index", "row", "path", "width", "height", "label", "target", "pred"}
+    | {"file_size", "file_mtime_ns"}  # the file's stamp (store.STAMP_COLUMNS)
+)
 # Default metric order (those present); other numeric columns follow in table order.
 PREFERRED_METRICS = (
     "deletion_auc",

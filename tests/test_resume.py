@@ -350,27 +350,34 @@ def _wait_for_holder(out: Path, process, timeout: float = 120) -> str:
 def test_a_second_process_on_a_live_out_is_refused_even_with_overwrite(data, reference, tmp_path):
     out = tmp_path / "out"
     first = mpbatch("run", str(data), "-o", str(out), *ARGS, "--iterations", "1000000", wait=False)
-    holder = _wait_for_holder(out, first)
-    assert holder.startswith(f"pid {first.pid} on ")
-    for extra in ([], ["--overwrite"]):
-        second = mpbatch("run", str(data), "-o", str(out), *ARGS, "--iterations", "1000000", *extra)
-        assert second.returncode == 2
-        lines = second.stderr.strip().splitlines()
-        assert len(lines) == 1 and "is in use" in lines[0] and holder in lines[0], lines
-        assert "damaged" not in second.stderr
-    scored = mpbatch("evaluate", str(out))
-    assert scored.returncode == 2 and "is in use" in scored.stderr
-    first.send_signal(signal.SIGTERM)  # the first run was not disturbed: it stops cleanly
-    _, stderr = first.communicate(timeout=120)
-    assert first.returncode == EXIT_INTERRUPTED, stderr
+    try:
+        holder = _wait_for_holder(out, first)
+        assert holder.startswith(f"pid {first.pid} on ")
+        for extra in ([], ["--overwrite"]):
+            second = mpbatch("run", str(data), "-o", str(out), *ARGS, *extra)
+            assert second.returncode == 2
+            lines = second.stderr.strip().splitlines()
+            assert len(lines) == 1 and "is in use" in lines[0] and holder in lines[0], lines
+            assert "damaged" not in second.stderr
+        scored = mpbatch("evaluate", str(out))
+        assert scored.returncode == 2 and "is in use" in scored.stderr
+        first.send_signal(signal.SIGTERM)  # the first run was not disturbed: it stops cleanly
+        _, stderr = first.communicate(timeout=120)
+        assert first.returncode == EXIT_INTERRUPTED, stderr
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
 
 
 def test_a_lock_left_by_a_killed_process_does_not_block(data, reference, tmp_path):
     out = tmp_path / "out"
     first = mpbatch("run", str(data), "-o", str(out), *ARGS, wait=False)
-    _wait_for_holder(out, first)
-    first.kill()
-    first.wait()
+    try:
+        _wait_for_holder(out, first)
+    finally:
+        first.kill()
+        first.wait()
     assert (out / ".masks.h5.lock").read_text().startswith("pid")  # stale text stays
     resumed = mpbatch("run", str(data), "-o", str(out), *ARGS)
     assert resumed.returncode == 0, resumed.stderr
