@@ -83,7 +83,7 @@ def run(options: RunOptions) -> RunResult:
     dropped, what is done is flushed, and Interrupted is raised (the CLI exits 75).
     """
     started = time.perf_counter()
-    method = get_method(options.method)
+    shard = resolve_shard(options.shard, os.environ)
     samples, layout = discover(
         options.data,
         labels_csv=options.labels_csv,
@@ -91,36 +91,11 @@ def run(options: RunOptions) -> RunResult:
         boxes_dir=options.boxes_dir,
     )
     samples = samples[: options.limit] if options.limit is not None else samples
-    listing = Listing.of(options.data, [s.path for s in samples])
-    shard = resolve_shard(options.shard, os.environ)
-    part = shard_positions(listing.paths, shard.rank, shard.world)
-    device = pick_device(options.device, shard.local_rank)
-    model = load_model(options.model, options.weights).to(device)
-    settings = method.resolve_settings(options.mask_settings(), model)
-    if options.target == "label":
-        check_labels(samples, len(model.class_names), options.model)
-    speed = applied_speed(options, device)
-    if options.batch_size == "auto":
-        probe = batch_probe(model, method, settings, options.size, speed, device)
-        chosen = auto_batch_size(probe, options.size, device)
-        options = dataclasses.replace(options, batch_size=chosen)
-        print(f"mpbatch: --batch-size auto chose {chosen}", file=sys.stderr)
-    record = _record(options, settings, layout, speed, device, shard, model)
     out = prepare_out(options.out)
     masks_name, report_name, failures_name = output_names(shard)
-    with hold(out / masks_name):
-        store = MaskStore.open(
-            out / masks_name,
-            record.to_config(),
-            versions(),
-            compare_keys=RunRecord.resume_keys(),
-            overwrite=options.overwrite,
-            fill_stored=lambda stored: upgrade_stored(stored, device),
-        )
-        if store.repaired:
-            print(f"mpbatch: {store.repaired}", file=sys.stderr)
+    with hold(out / masks_name):  # before the model loads: a second process is refused at once
         with StopSignals() as stop:
-            job = _Job(options, method, settings, model, speed, samples, listing, store, {}, stop)
+            job, part = _start(options, samples, layout, shard, out / masks_name, stop)
             outcome = _explain_into(job, part, shard, started)
         write_report_csv(out / masks_name, out / report_name)
         write_failures_csv(out / masks_name, out / failures_name)
@@ -143,6 +118,38 @@ def run(options: RunOptions) -> RunResult:
         out / masks_name,
         job.timings,
     )
+
+
+def _start(options, samples, layout, shard, masks_file, stop) -> tuple[_Job, list[int]]:
+    """Stamp the listing, load the model, choose the batch size and open the mask file:
+    the job, and the positions of this shard's images in the listing."""
+    method = get_method(options.method)
+    listing = Listing.of(options.data, [s.path for s in samples])
+    part = shard_positions(listing.paths, shard.rank, shard.world)
+    device = pick_device(options.device, shard.local_rank)
+    model = load_model(options.model, options.weights).to(device)
+    settings = method.resolve_settings(options.mask_settings(), model)
+    if options.target == "label":
+        check_labels(samples, len(model.class_names), options.model)
+    speed = applied_speed(options, device)
+    if options.batch_size == "auto":
+        probe = batch_probe(model, method, settings, options.size, speed, device)
+        chosen = auto_batch_size(probe, options.size, device)
+        options = dataclasses.replace(options, batch_size=chosen)
+        print(f"mpbatch: --batch-size auto chose {chosen}", file=sys.stderr)
+    record = _record(options, settings, layout, speed, device, shard, model)
+    store = MaskStore.open(
+        masks_file,
+        record.to_config(),
+        versions(),
+        compare_keys=RunRecord.resume_keys(),
+        overwrite=options.overwrite,
+        fill_stored=lambda stored: upgrade_stored(stored, device),
+    )
+    if store.repaired:
+        print(f"mpbatch: {store.repaired}", file=sys.stderr)
+    job = _Job(options, method, settings, model, speed, samples, listing, store, {}, stop)
+    return job, part
 
 
 def _record(options, settings, layout, speed, device, shard, model) -> RunRecord:

@@ -30,6 +30,10 @@ is moved aside (`*.damaged`) and rebuilt from the journal; when it is behind the
 (fewer committed batches) the missing batches are replayed. The journal is deleted once the
 run completes. A write that fails (disk full, quota) raises StoreError naming the file; what
 was committed before stays, and a rerun resumes.
+
+This module is longer than the project's 300 lines because the commit protocol, the journal
+and the resume by path keep one invariant together (every image of the listing has exactly
+one row or failure, whatever was killed when); splitting it would spread that over files.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ import h5py
 import numpy as np
 
 from .errors import MpbatchError, one_line
-from .listing import UNKNOWN, Listing, compare, same_stamp
+from .listing import UNKNOWN, Listing, same_stamp
 
 FORMAT = "mpbatch-masks-1"
 MASKS_FILE = "masks.h5"  # a run's file (shards: masks-IIIII-of-NNNNN.h5)
@@ -102,7 +106,7 @@ def _is_lock_error(error: BaseException) -> bool:
     return "unable to lock file" in str(error).lower()
 
 
-def _string_array(values) -> np.ndarray:
+def string_array(values) -> np.ndarray:
     return np.array([str(v) for v in values], dtype=object)
 
 
@@ -111,7 +115,7 @@ def _as_column(values) -> np.ndarray:
     if isinstance(values, np.ndarray) and values.dtype.kind not in "OUS":
         return values
     if len(values) and isinstance(values[0], (str, bytes, np.str_)):
-        return _string_array(values)
+        return string_array(values)
     return np.asarray(values)
 
 
@@ -314,7 +318,7 @@ class MaskStore:
             with h5py.File(parts / LISTING_PART, "r") as journal:
                 listing = _read_listing(journal)
             if listing is not None:
-                _write_listing(store.file, listing)
+                write_listing(store.file, listing)
                 store.file.attrs["listing_sha256"] = listing.digest()
         return store
 
@@ -328,7 +332,7 @@ class MaskStore:
         file.attrs["rows"] = 0
         file.attrs["failures"] = 0
         file.attrs["batches"] = 0
-        _create_failures(file, [])
+        create_failures(file, [])
         store = cls(file, path)
         store._mark_writing(True)
         return store
@@ -468,11 +472,11 @@ class MaskStore:
             return
         if "listing" in self.file:
             del self.file["listing"]
-        _write_listing(self.file, listing)
+        write_listing(self.file, listing)
         self.file.attrs["listing_sha256"] = digest
         self.file.flush()
         _write_journal_file(
-            journal_dir(self.path) / LISTING_PART, lambda f: _write_listing(f, listing)
+            journal_dir(self.path) / LISTING_PART, lambda f: write_listing(f, listing)
         )
 
     # ---------------------------------------------------------------- writing
@@ -637,8 +641,8 @@ def _failure_columns(failures: list[tuple]) -> dict[str, np.ndarray]:
     """The failures group's columns of (index, path, reason[, size, mtime_ns]) tuples."""
     return {
         "index": np.array([f[0] for f in failures], dtype=np.int64),
-        "path": _string_array([f[1] for f in failures]),
-        "reason": _string_array([f[2] for f in failures]),
+        "path": string_array([f[1] for f in failures]),
+        "reason": string_array([f[2] for f in failures]),
         "file_size": np.array([f[3] if len(f) > 3 else UNKNOWN for f in failures], np.int64),
         "file_mtime_ns": np.array([f[4] if len(f) > 4 else UNKNOWN for f in failures], np.int64),
     }
@@ -689,13 +693,13 @@ def _copy_rows(source: h5py.File, dest: Path, rows, row_index, failures, failure
 
 def _decode_strings(dataset: h5py.Dataset, values: np.ndarray) -> np.ndarray:
     if h5py.check_string_dtype(dataset.dtype):
-        return _string_array(_decode(values))
+        return string_array(_decode(values))
     return values
 
 
-def _write_listing(file: h5py.File, listing: Listing) -> None:
+def write_listing(file: h5py.File, listing: Listing) -> None:
     group = file.create_group("listing")
-    create_column(group, "path", _string_array(listing.paths))
+    create_column(group, "path", string_array(listing.paths))
     create_column(group, "file_size", listing.sizes)
     create_column(group, "file_mtime_ns", listing.mtimes)
 
@@ -735,7 +739,7 @@ def _write_part(parts: Path, columns: dict, failures: list, batch: int, config: 
         rows = file.create_group("columns")
         for name, values in columns.items():
             create_column(rows, name, values, fitted=True)
-        _create_failures(file, failures)
+        create_failures(file, failures)
 
     _write_journal_file(parts / f"part-{batch:010d}.h5", fill)
 
@@ -839,120 +843,7 @@ def replace_columns(path: str | Path, columns: dict[str, np.ndarray], **attrs) -
             file.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
 
 
-# -------------------------------------------------------------------- merging shards
-def sum_timings(totals: list[dict]) -> dict:
-    """The shards' `timings_total` (seconds per stage, images) summed key by key."""
-    keys = dict.fromkeys(k for t in totals for k, v in t.items() if isinstance(v, (int, float)))
-    return {k: sum(t.get(k, 0) or 0 for t in totals) for k in keys}
-
-
-def merge_files(shards: list[Path], dest: str | Path, compare_keys: list[str] | None = None) -> int:
-    """Join complete shard files into one mask file, rows in listing order; returns its rows.
-
-    The rows are copied (not linked as HDF5 virtual datasets): the merged file then stands
-    alone, survives the shards being moved or deleted, and the string and failure datasets
-    join the same way as the numbers. A 50,000-image run copies a few hundred MB, seconds.
-    Raises StoreError naming any shard that is incomplete, made with other settings, or made
-    from another listing of the images (naming the first images that differ).
-    """
-    dest = Path(dest)
-    configs, columns_list, failures, rows, extra = [], [], [], 0, {}
-    totals, listings = [], []
-    for shard in shards:
-        try:
-            with h5py.File(shard, "r") as file:
-                complete = bool(file.attrs.get("complete", False))
-                config = json.loads(file.attrs["config"])
-                versions = file.attrs["versions"]
-                for key in ("class_names", "protocol"):
-                    if key in file.attrs:
-                        extra.setdefault(key, file.attrs[key])
-                totals.append(json.loads(file.attrs.get("timings_total", "{}")))
-        except (OSError, KeyError) as error:
-            raise StoreError(f"{shard}: cannot be read ({one_line(error)})") from error
-        if not complete:
-            raise StoreError(f"{shard} is not complete: rerun its shard to finish it")
-        configs.append(config)
-        listings.append(read_listing(shard))
-        columns, _ = read_columns(shard)
-        columns_list.append(columns)
-        failures += read_failures(shard, stamps=True)
-        rows += len(columns.get("path", []))
-    keys = compare_keys or sorted(set(configs[0]) - {"shard"})
-    for shard, config in zip(shards[1:], configs[1:], strict=True):
-        changed = [k for k in keys if config.get(k) != configs[0].get(k)]
-        if changed:
-            raise StoreError(f"{shard} was made with other settings than {shards[0]}: {changed}")
-    _check_same_listing(shards, listings)
-    config = {k: v for k, v in configs[0].items() if k != "shard"}
-    joined = _joined_columns(columns_list)
-    order = np.argsort(joined["index"], kind="stable") if "index" in joined else None
-    failures.sort(key=lambda f: f[0])
-    temporary = dest.with_name(f".{dest.name}.merging")
-    with h5py.File(temporary, "w") as file:
-        file.attrs["format"] = FORMAT
-        file.attrs["config"] = json.dumps(config, sort_keys=True)
-        file.attrs["versions"] = versions
-        file.attrs["rows"] = rows
-        file.attrs["failures"] = len(failures)
-        file.attrs["complete"] = True
-        file.attrs["merged_from"] = json.dumps([Path(s).name for s in shards])
-        for key, value in extra.items():
-            file.attrs[key] = value
-        if any(totals):
-            file.attrs["timings_total"] = json.dumps(sum_timings(totals))
-        for name, values in joined.items():
-            create_column(file, name, values if order is None else values[order])
-        _create_failures(file, failures)
-        if listings[0] is not None:
-            _write_listing(file, listings[0])
-            file.attrs["listing_sha256"] = listings[0].digest()
-    os.replace(temporary, dest)
-    return rows
-
-
-def _check_same_listing(shards: list[Path], listings: list[Listing | None]) -> None:
-    """Shards must have been run over one listing of the images (files of mpbatch ≤ 0.1 have
-    none and are not checked)."""
-    first = listings[0]
-    for shard, listing in zip(shards[1:], listings[1:], strict=True):
-        if first is None or listing is None or listing.digest() == first.digest():
-            continue
-        change = compare(first, listing)
-        raise StoreError(
-            f"{shard} was run over another listing of the images than {shards[0]} "
-            f"(the folder changed between them: {change.describe()}); rerun every shard "
-            "with the same command so that each catches up, then merge"
-        )
-
-
-def _joined_columns(columns_list: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The union of the shards' columns, rows in shard order. A column that a shard with rows
-    lacks (e.g. its images all lacked boxes) is filled there: NaN for numbers (integers
-    become floats), "" for strings."""
-    names = list(dict.fromkeys(n for columns in columns_list for n in columns))
-    joined = {}
-    for name in names:
-        example = next(c[name] for c in columns_list if name in c)
-        parts = []
-        for columns in columns_list:
-            count = len(columns.get("path", []))
-            if name in columns:
-                parts.append(columns[name][:count])
-            elif count and example.dtype.kind in "OUS":
-                parts.append(np.array([""] * count, dtype=object))
-            elif count:
-                parts.append(np.full((count,) + example.shape[1:], np.nan))
-        parts = [p for p in parts if len(p)]
-        if parts:
-            strings = any(p.dtype.kind in "OUS" for p in parts)
-            joined[name] = (
-                _string_array(np.concatenate(parts)) if strings else np.concatenate(parts)
-            )
-    return joined
-
-
-def _create_failures(file: h5py.File, failures: list[tuple]) -> None:
+def create_failures(file: h5py.File, failures: list[tuple]) -> None:
     """The failures group: index, path, reason and the file's stamp per image that could
     not be used."""
     group = file.create_group("failures")

@@ -70,7 +70,7 @@ def test_column_length_mismatch_is_an_error(tmp_path) -> None:
 
 
 def test_merge_keeps_the_union_of_the_shards_columns(tmp_path) -> None:
-    from pipeline.store import merge_files
+    from pipeline.shards import merge_files
 
     config = {"shard": {"stop": 2}}
     first, second = tmp_path / "a.h5", tmp_path / "b.h5"
@@ -90,7 +90,7 @@ def test_merge_keeps_the_union_of_the_shards_columns(tmp_path) -> None:
 
 def test_merge_sums_the_shards_seconds(tmp_path) -> None:
     """A merged run still says what it cost: the shards' summed timings (seconds, images)."""
-    from pipeline.store import merge_files
+    from pipeline.shards import merge_files
 
     shards = []
     for number, (seconds, images) in enumerate([(30.0, 2), (12.5, 1)]):
@@ -161,7 +161,7 @@ def test_reconcile_keeps_one_row_per_path_and_sorting_restores_listing_order(tmp
 
 
 def test_listing_is_stored_and_merge_refuses_shards_of_other_listings(tmp_path) -> None:
-    from pipeline.store import merge_files
+    from pipeline.shards import merge_files
 
     before = Listing(("a", "b"), np.array([1, 2]), np.array([5, 5]))
     after = Listing(("a", "c"), np.array([1, 2]), np.array([5, 5]))
@@ -180,7 +180,7 @@ def test_listing_is_stored_and_merge_refuses_shards_of_other_listings(tmp_path) 
 
 
 def test_merged_rows_are_in_listing_order(tmp_path) -> None:
-    from pipeline.store import merge_files
+    from pipeline.shards import merge_files
 
     shards = []
     for number, (paths, index) in enumerate([(["b", "d"], [1, 3]), (["a", "c"], [0, 2])]):
