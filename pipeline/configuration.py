@@ -262,7 +262,8 @@ def applied_speed(options: RunOptions, device: torch.device) -> SpeedOptions:
     """How the optimisation runs (no effect on the hyperparameters).
 
     "auto" precision follows bench_optimize.py (SpeedOptions.recommended): bf16 where it
-    won (CUDA; standard conv nets on AMX CPUs), fp32 for depthwise-heavy nets on CPU and for
+    won (CUDA; standard conv nets on CPUs with AMX or avx512_bf16, optimize.CPU_PRECISION),
+    fp32 where bf16 is emulated, for depthwise-heavy nets on CPU and for
     custom `module:function` models, which nothing has measured. An explicit precision gets
     the memory format measured best with it. Methods that do not use speed options run
     float32 eager, and that is what is recorded.

@@ -200,32 +200,61 @@ _DEPTHWISE_FAMILIES = ("efficientnet", "mobilenet", "mnasnet", "ghostnet", "lcne
 # 37.9x and lite0 50.4x against 60.3x: channels_last is kept on CUDA for VGG only.
 _CUDA_CHANNELS_LAST_FAMILIES = ("vgg",)
 
+# The CPU's precision for `auto`, by what the CPU offers for bf16 (cpu_bf16_support) and
+# whether the model is depthwise-heavy. Each entry is a measurement (bench_optimize.py, one
+# thread, the mask optimisation's forward plus input gradient):
+CPU_PRECISION = {
+    # bench_optimize_cpu.csv, Intel Xeon with AMX: resnet50 and vgg19 3-7x faster in bf16 +
+    # channels_last; lite0 0.8-1.4x, within that run's noise.
+    ("amx", False): "bf16",
+    ("amx", True): "fp32",
+    # Issue 26's table, an AMD EPYC (Zen 4) whose VM exposed avx512_bf16: bf16 autocast 2.4x
+    # (resnet50) and 3.0x (vgg19) faster than fp32 at batch 4. Not yet re-measured into a CSV
+    # by a session on such a machine; lite0 unmeasured there, so fp32.
+    ("avx512_bf16", False): "bf16",
+    ("avx512_bf16", True): "fp32",
+    # bench_optimize_cpu_amd_avx2.csv, the same AMD EPYC model under a VM that exposes AVX2
+    # only: bf16 is emulated, 14x slower for resnet50 and 7x for lite0 at batch 4.
+    ("none", False): "fp32",
+    ("none", True): "fp32",
+}
 
-def resolve_precision(device: torch.device | str, model_name: str = "") -> str:
+
+def cpu_bf16_support() -> str:
+    """What this CPU offers for bf16 matrix maths, as torch sees it: "amx" (AMX tiles),
+    "avx512_bf16" (AVX-512 BF16 instructions) or "none" (bf16 is emulated). The same CPU
+    model can differ between machines: a hypervisor may hide AVX-512."""
+    for name, flag in (
+        ("amx", "_is_amx_tile_supported"),
+        ("avx512_bf16", "_is_avx512_bf16_supported"),
+    ):
+        check = getattr(torch.cpu, flag, None)
+        try:
+            if check is not None and check():
+                return name
+        except RuntimeError:
+            continue
+    return "none"
+
+
+def resolve_precision(
+    device: torch.device | str, model_name: str = "", cpu_bf16: str | None = None
+) -> str:
     """The precision that won in bench_optimize.py for this device and model: "fp32" or "bf16".
 
-    CPU with AMX tiles (bf16 matrix units): "bf16", except for depthwise-heavy families
-    (EfficientNet, MobileNet, ...), which stay "fp32" (measured). CUDA with bf16 support:
-    "bf16" (on an H100 at batch 64 it beat fp32 for lite0, resnet50 and vgg19). Anything
-    else: "fp32".
+    CPU: CPU_PRECISION for what the CPU offers (`cpu_bf16`, default cpu_bf16_support()) and
+    whether the model is depthwise-heavy (EfficientNet, MobileNet, ...). CUDA with bf16
+    support: "bf16" (on an H100 at batch 64 it beat fp32 for lite0, resnet50 and vgg19).
+    Anything else: "fp32".
     """
     device = torch.device(device)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        name = model_name.lower()
-        if any(family in name for family in _DEPTHWISE_FAMILIES):
-            return "fp32"
-        return "bf16" if _cpu_has_amx() else "fp32"
+        depthwise = any(family in model_name.lower() for family in _DEPTHWISE_FAMILIES)
+        support = cpu_bf16 if cpu_bf16 is not None else cpu_bf16_support()
+        return CPU_PRECISION[support, depthwise]
     return "fp32"
-
-
-def _cpu_has_amx() -> bool:
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(check()) if check is not None else False
-    except RuntimeError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -262,7 +291,11 @@ class SpeedOptions:
 
     @classmethod
     def recommended(
-        cls, device: torch.device | str, model_name: str = "", precision: str = "auto"
+        cls,
+        device: torch.device | str,
+        model_name: str = "",
+        precision: str = "auto",
+        cpu_bf16: str | None = None,
     ) -> SpeedOptions:
         """The options that won in bench_optimize.py: the precision (resolve_precision's
         when "auto"); channels_last with bf16 on CPU (bf16 pays only together with it there)
@@ -270,7 +303,7 @@ class SpeedOptions:
         default Adam; no compile."""
         device = torch.device(device)
         if precision == "auto":
-            precision = resolve_precision(device, model_name)
+            precision = resolve_precision(device, model_name, cpu_bf16)
         channels_last = precision == "bf16"
         if device.type == "cuda":
             name = model_name.lower()

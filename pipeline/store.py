@@ -439,8 +439,9 @@ class MaskStore:
 
     def _move_out(self, kept_rows: list[int], kept_failures: list[int]) -> Path:
         """Copy the rows and failures not kept to OUT/dropped/<stem>-<UTC time>.h5."""
-        rows = [r for r in range(self.rows) if r not in set(kept_rows)]
-        failures = [r for r in range(self.n_failures) if r not in set(kept_failures)]
+        kept_rows, kept_failures = set(kept_rows), set(kept_failures)
+        rows = [r for r in range(self.rows) if r not in kept_rows]
+        failures = [r for r in range(self.n_failures) if r not in kept_failures]
         folder = self.path.parent / DROPPED_DIR
         folder.mkdir(exist_ok=True)
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")

@@ -12,10 +12,12 @@ from tiny_models import BrightRegionModel, TinyCNN
 
 import pipeline.optimize as optimize
 from pipeline.optimize import (
+    CPU_PRECISION,
     PRESETS,
     MaskSettings,
     SpeedOptions,
     applied_masks,
+    cpu_bf16_support,
     crop_windows,
     jitter_images,
     make_batch_substrate,
@@ -500,16 +502,20 @@ def test_noise_buffer_draws_what_randn_draws() -> None:
     assert torch.equal(buffer[1], torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(9)))
 
 
-def test_resolve_precision(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(optimize, "_cpu_has_amx", lambda: True)
-    assert resolve_precision("cpu", "resnet50") == "bf16"
-    assert resolve_precision("cpu", "vgg19") == "bf16"
-    assert resolve_precision("cpu", "efficientnet_lite0") == "fp32"
-    assert SpeedOptions.recommended("cpu", "resnet50") == SpeedOptions("bf16", channels_last=True)
+def test_resolve_precision() -> None:
+    for support in ("amx", "avx512_bf16"):
+        assert resolve_precision("cpu", "resnet50", support) == "bf16"
+        assert resolve_precision("cpu", "vgg19", support) == "bf16"
+        assert resolve_precision("cpu", "efficientnet_lite0", support) == "fp32"
+        recommended = SpeedOptions.recommended("cpu", "resnet50", cpu_bf16=support)
+        assert recommended == SpeedOptions("bf16", channels_last=True)
+    # bf16 is emulated without AMX or avx512_bf16 (measured 7-14x slower): fp32 everywhere
+    for model in ("resnet50", "vgg19", "efficientnet_lite0", "mymodule:build"):
+        assert resolve_precision(torch.device("cpu"), model, "none") == "fp32"
+    assert SpeedOptions.recommended("cpu", "resnet50", cpu_bf16="none") == SpeedOptions()
+    assert cpu_bf16_support() in ("amx", "avx512_bf16", "none")
+    assert resolve_precision("cpu", "resnet50") == CPU_PRECISION[cpu_bf16_support(), False]
     assert SpeedOptions("auto").resolved("cpu", "mobilenet_v3_large").precision == "fp32"
-    monkeypatch.setattr(optimize, "_cpu_has_amx", lambda: False)
-    assert resolve_precision(torch.device("cpu"), "resnet50") == "fp32"
-    assert SpeedOptions.recommended("cpu", "resnet50") == SpeedOptions()
     with pytest.raises(ValueError, match="precision"):
         SpeedOptions(precision="fp16")
     with pytest.raises(ValueError, match="adam"):
