@@ -250,48 +250,50 @@ def assert_matches_a_fresh_run(out: Path, data: Path, tmp_path: Path) -> None:
     assert attrs["complete"] and not journal_dir(out / "masks.h5").exists()
 
 
-KILL_AFTER_2 = {"MPBATCH_KILL_AT": "after-commit:2"}  # img00 and img01 are done
+def _killed_after_two_images(data: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the data and a run over it killed (SIGKILL) once img00 and img01 are done."""
+    folder = _copy(data, tmp_path / "data")
+    out = tmp_path / "out"
+    killed = mpbatch(
+        "run", str(folder), "-o", str(out), *ONE_A_BATCH, env={"MPBATCH_KILL_AT": "after-commit:2"}
+    )
+    assert killed.returncode == -signal.SIGKILL
+    return folder, out
+
+
+def _resume(folder: Path, out: Path):
+    resumed = mpbatch("run", str(folder), "-o", str(out), *ONE_A_BATCH)
+    assert resumed.returncode == 0, resumed.stderr
+    return resumed
 
 
 def test_a_same_count_swap_resumes_by_path(data, tmp_path):
-    """The issue's reproduction: kill after the first batch, remove one image and add
+    """The issue's reproduction: kill after a first commit, remove one image and add
     another (the same count), rerun. Main kept positions, so one image came twice and the
     new one never."""
-    folder = _copy(data, tmp_path / "data")
-    out = tmp_path / "out"
-    killed = mpbatch("run", str(folder), "-o", str(out), *ONE_A_BATCH, env=KILL_AFTER_2)
-    assert killed.returncode == -signal.SIGKILL
+    folder, out = _killed_after_two_images(data, tmp_path)
     (folder / "img07.png").unlink()
     _new_image(folder / "img00a.png", 100)
-    resumed = mpbatch("run", str(folder), "-o", str(out), *ONE_A_BATCH)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = _resume(folder, out)
     assert "1 added (img00a.png), 1 removed (img07.png), 0 replaced" in resumed.stderr
     assert_matches_a_fresh_run(out, folder, tmp_path)
 
 
 def test_added_files_are_explained(data, tmp_path):
-    folder = _copy(data, tmp_path / "data")
-    out = tmp_path / "out"
-    killed = mpbatch("run", str(folder), "-o", str(out), *ONE_A_BATCH, env=KILL_AFTER_2)
-    assert killed.returncode == -signal.SIGKILL
+    folder, out = _killed_after_two_images(data, tmp_path)
     _new_image(folder / "img00a.png", 101)  # before the images already done
     _new_image(folder / "img99.png", 102)
-    resumed = mpbatch("run", str(folder), "-o", str(out), *ONE_A_BATCH)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = _resume(folder, out)
     assert "2 added (img00a.png, img99.png)" in resumed.stderr
     assert "0 rows of removed or replaced images" in resumed.stderr
     assert_matches_a_fresh_run(out, folder, tmp_path)
 
 
 def test_rows_of_removed_files_are_moved_out_not_lost(data, tmp_path):
-    folder = _copy(data, tmp_path / "data")
-    out = tmp_path / "out"
-    killed = mpbatch("run", str(folder), "-o", str(out), *ONE_A_BATCH, env=KILL_AFTER_2)
-    assert killed.returncode == -signal.SIGKILL
+    folder, out = _killed_after_two_images(data, tmp_path)
     (folder / "img01.png").unlink()  # done before the kill
     (folder / "img09.png").unlink()  # not yet done
-    resumed = mpbatch("run", str(folder), "-o", str(out), *ONE_A_BATCH)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = _resume(folder, out)
     assert "2 removed (img01.png, img09.png)" in resumed.stderr
     assert "1 rows of removed or replaced images moved to" in resumed.stderr
     (moved,) = (out / "dropped").glob("masks-*.h5")
@@ -300,15 +302,11 @@ def test_rows_of_removed_files_are_moved_out_not_lost(data, tmp_path):
 
 
 def test_a_file_replaced_under_the_same_name_is_explained_again(data, tmp_path):
-    folder = _copy(data, tmp_path / "data")
-    out = tmp_path / "out"
-    killed = mpbatch("run", str(folder), "-o", str(out), *ONE_A_BATCH, env=KILL_AFTER_2)
-    assert killed.returncode == -signal.SIGKILL
+    folder, out = _killed_after_two_images(data, tmp_path)
     before = read_columns(out / "masks.h5")[0]
     assert "img01.png" in list(before["path"])
     _new_image(folder / "img01.png", 103)  # other pixels, same name
-    resumed = mpbatch("run", str(folder), "-o", str(out), *ONE_A_BATCH)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = _resume(folder, out)
     assert "1 replaced (img01.png)" in resumed.stderr
     after = read_columns(out / "masks.h5")[0]
     row = list(after["path"]).index("img01.png")
