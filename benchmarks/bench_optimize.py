@@ -43,6 +43,7 @@ from pipeline.models import load_model  # noqa: E402
 from pipeline.optimize import (  # noqa: E402
     PRESETS,
     SpeedOptions,
+    cpu_bf16_support,
     optimize_masks,
     total_variation,
 )
@@ -437,6 +438,9 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or ROOT / "benchmarks" / "results" / f"bench_optimize_{device.type}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     common = {"device": device.type, "device_name": name, **versions(), "size": args.size}
+    if device.type == "cpu":  # what --precision auto reads (the same CPU model can differ)
+        common["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        common["cpu_bf16_support"] = cpu_bf16_support()
     common |= {"warmup": args.warmup, "iters": args.iters, "flush_denormal": args.flush_denormal}
     common |= {"threads": torch.get_num_threads()}
 

@@ -214,7 +214,7 @@ CPU_PRECISION = {
     ("avx512_bf16", False): "bf16",
     ("avx512_bf16", True): "fp32",
     # bench_optimize_cpu_amd_avx2.csv, the same AMD EPYC model under a VM that exposes AVX2
-    # only: bf16 is emulated, 14x slower for resnet50 and 7x for lite0 at batch 4.
+    # only: bf16 is emulated, 7x (lite0), 14x (resnet50) and 24x (vgg19) slower at batch 4.
     ("none", False): "fp32",
     ("none", True): "fp32",
 }

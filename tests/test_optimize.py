@@ -509,7 +509,7 @@ def test_resolve_precision() -> None:
         assert resolve_precision("cpu", "efficientnet_lite0", support) == "fp32"
         recommended = SpeedOptions.recommended("cpu", "resnet50", cpu_bf16=support)
         assert recommended == SpeedOptions("bf16", channels_last=True)
-    # bf16 is emulated without AMX or avx512_bf16 (measured 7-14x slower): fp32 everywhere
+    # bf16 is emulated without AMX or avx512_bf16 (measured 7-24x slower): fp32 everywhere
     for model in ("resnet50", "vgg19", "efficientnet_lite0", "mymodule:build"):
         assert resolve_precision(torch.device("cpu"), model, "none") == "fp32"
     assert SpeedOptions.recommended("cpu", "resnet50", cpu_bf16="none") == SpeedOptions()
