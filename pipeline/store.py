@@ -369,9 +369,12 @@ class MaskStore:
         committed = self.batches
         old_position = int(self.file.attrs.get("next_position", -1))
         for part in _part_files(journal_dir(self.path)):
-            columns, failures, batch, next_position = _read_part(part)
-            later = batch > committed if batch is not None else next_position > old_position
+            with h5py.File(part, "r") as file:  # the attributes only: most parts are old
+                batch = int(file.attrs["batch"]) if "batch" in file.attrs else None
+                position = int(file.attrs.get("next_position", -1))
+            later = batch > committed if batch is not None else position > old_position
             if later:
+                columns, failures = _read_part(part)
                 self._append_main(columns, failures, batch if batch is not None else committed)
 
     # ---------------------------------------------------------------- state
@@ -772,17 +775,15 @@ def _decode(values: np.ndarray) -> np.ndarray | list[str]:
     return values
 
 
-def _read_part(part: Path) -> tuple[dict, list, int | None, int]:
-    """(columns, failures, batch, next_position) of a journal part; parts written by
-    mpbatch ≤ 0.1 have no batch number (None) but the position after their last image."""
+def _read_part(part: Path) -> tuple[dict, list]:
+    """(columns, failures) of a journal part."""
     with h5py.File(part, "r") as file:
         columns = {name: _decode(d[()]) for name, d in file["columns"].items()}
         group = file["failures"]
         names = [n for n in (*FAILURE_FIELDS, *STAMP_COLUMNS) if n in group]
         values = [_decode(group[n][()]) for n in names]
         failures = [tuple(v) for v in zip(*values, strict=True)] if values else []
-        batch = int(file.attrs["batch"]) if "batch" in file.attrs else None
-        return columns, failures, batch, int(file.attrs.get("next_position", -1))
+        return columns, failures
 
 
 def _part_config(parts: Path) -> dict:
