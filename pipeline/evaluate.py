@@ -138,7 +138,18 @@ def read_saliency_source(options: EvaluateOptions) -> SaliencySource:
         paths = [p.decode() if isinstance(p, bytes) else str(p) for p in file["path"][:]]
     if saliency.ndim != 3 or len(paths) != saliency.shape[0]:
         raise DatasetError(f"{source}: 'saliency' must be N×h×w with one row per path")
+    _check_finite(source, saliency, paths)
     return SaliencySource(paths, saliency, None, None, {})
+
+
+def _check_finite(source: Path, saliency: np.ndarray, paths: list[str]) -> None:
+    """Bad input, said before any scoring: a map with NaN or infinite values."""
+    bad = np.flatnonzero(~np.isfinite(saliency.reshape(len(saliency), -1)).all(axis=1))
+    if len(bad):
+        raise DatasetError(
+            f"{source}: the map of {paths[bad[0]]} (row {bad[0]}) has NaN or infinite values"
+            + (f", and {len(bad) - 1} more maps" if len(bad) > 1 else "")
+        )
 
 
 def _read_npy(source: Path, paths_file: Path | None) -> SaliencySource:
@@ -152,6 +163,7 @@ def _read_npy(source: Path, paths_file: Path | None) -> SaliencySource:
             f"{source}: expected N×h×w saliency for the {len(paths)} paths of "
             f"{paths_file}, got shape {saliency.shape}"
         )
+    _check_finite(source, saliency, paths)
     return SaliencySource(paths, saliency.astype(np.float32), None, None, {})
 
 

@@ -34,7 +34,7 @@ from .configuration import (
     versions,
 )
 from .datasets import DatasetError, ImageFolderDataset, Sample, Shard, discover, resolve_shard
-from .errors import MpbatchError
+from .errors import MpbatchError, SettingsError
 from .listing import Listing, compare, shard_positions
 from .methods import Method, get_method
 from .models import NormalizedClassifier, load_model
@@ -129,6 +129,10 @@ def _start(options, samples, layout, shard, masks_file, stop) -> tuple[_Job, lis
     device = pick_device(options.device, shard.local_rank)
     model = load_model(options.model, options.weights).to(device)
     settings = method.resolve_settings(options.mask_settings(), model)
+    areas = getattr(settings, "areas", None)  # a method with several masks per image
+    if options.area is not None and (areas is None or not 0 <= options.area < len(areas)):
+        count = "one mask" if areas is None else f"{len(areas)} areas"
+        raise SettingsError(f"--area {options.area}: --method {options.method} makes {count}")
     if options.target == "label":
         check_labels(samples, len(model.class_names), options.model)
     speed = applied_speed(options, device)

@@ -318,6 +318,18 @@ def test_evaluate_baseline_and_bad_sources(class_folders, tmp_path) -> None:
     result = CliRunner().invoke(main, ["evaluate", str(bad), "-o", str(tmp_path / "b"), *common])
     assert result.exit_code == 2 and "bad.h5" in result.output and "saliency" in result.output
 
+    # a map with NaN is bad input: one line naming the file and the image, not a traceback
+    paths = sorted(str(p.relative_to(class_folders)) for p in class_folders.rglob("*.png"))
+    maps = np.random.default_rng(0).random((len(paths), 8, 8))
+    maps[2, 3, 3] = np.nan
+    np.save(tmp_path / "maps.npy", maps)
+    (tmp_path / "paths.txt").write_text("\n".join(paths))
+    args = [str(tmp_path / "maps.npy"), "--paths", str(tmp_path / "paths.txt")]
+    result = CliRunner().invoke(main, ["evaluate", *args, "-o", str(tmp_path / "n"), *common])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "maps.npy" in lines[0] and paths[2] in lines[0], lines
+
 
 def test_extremal_method_end_to_end(class_folders, tmp_path) -> None:
     out = tmp_path / "out"
@@ -348,6 +360,21 @@ def test_extremal_method_end_to_end(class_folders, tmp_path) -> None:
     assert figures.exit_code == 0, figures.output
     refused = CliRunner().invoke(main, [*args, "--tv", "0.3"])
     assert refused.exit_code == 2 and "--tv" in refused.output
+    for area in ("2", "-1"):  # two areas: indices 0 and 1 only; one line, before any work
+        refused = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "x"), "--area", area])
+        assert refused.exit_code == 2 and "makes 2 areas" in refused.output, refused.output
+        assert len(refused.output.strip().splitlines()) == 1
+    meaningful = [
+        "run",
+        str(class_folders),
+        "-o",
+        str(tmp_path / "y"),
+        *TINY_OPTIONS,
+        "--area",
+        "0",
+    ]
+    refused = CliRunner().invoke(main, meaningful)
+    assert refused.exit_code == 2 and "makes one mask" in refused.output, refused.output
 
 
 def test_report_compares_runs_side_by_side(class_folders, tmp_path) -> None:
