@@ -4,7 +4,8 @@ A run is keyed by its listing, never by positions in it. Each image is its path 
 DATA, stamped with the file's size and modification time (ns), so that a file replaced under
 the same name counts as changed. A resumed run compares the listing it finds today with the
 rows it has stored (`MaskStore.reconcile`). Rows whose file is gone or was replaced are
-dropped, and every image of today's listing not yet done is explained. So a changed folder
+moved out of the mask file (to OUT/dropped/), and every image of today's listing not yet
+done is explained. So a changed folder
 neither duplicates nor skips an image.
 
 Shards split by a stable key of the path: image p belongs to shard

@@ -119,6 +119,11 @@ def _as_column(values) -> np.ndarray:
     return np.asarray(values)
 
 
+def _chunk_rows(array: np.ndarray) -> int:
+    """Rows per chunk of a growable column: about 1 MB, at most 256 rows."""
+    return max(1, min(256, (1 << 20) // max(1, array[0:1].nbytes or 8)))
+
+
 def create_column(
     group: h5py.Group, name: str, values, rows: int | None = None, fitted: bool = False
 ) -> h5py.Dataset:
@@ -129,7 +134,7 @@ def create_column(
     array = _as_column(values)
     dtype = STRING if array.dtype.kind in "OUS" else array.dtype
     row_shape = array.shape[1:]
-    chunk_rows = max(1, min(256, (1 << 20) // max(1, array[0:1].nbytes or 8)))
+    chunk_rows = _chunk_rows(array)
     if fitted:
         chunk_rows = max(1, len(array))
     floating = dtype is not STRING and np.issubdtype(np.dtype(dtype), np.floating)
@@ -410,7 +415,7 @@ class MaskStore:
         OUT/dropped/. Kept rows are renumbered to today's positions. Returns what is done.
         """
         rows = _row_keys(self.file, self.rows)
-        failures = _failure_keys(self.file["failures"], self.n_failures)
+        failures = _row_keys(self.file["failures"], self.n_failures)
         seen: set[str] = set()
         kept_rows, kept_failures, gone, replaced = [], [], 0, 0
         for keys, kept in ((rows, kept_rows), (failures, kept_failures)):
@@ -636,7 +641,7 @@ def _growth_bound(columns: dict, failures: list) -> int:
     for values in [*columns.values(), *_failure_columns(failures).values()]:
         array = _as_column(values)
         row_bytes = max(8, array[0:1].nbytes) if len(array) else 8
-        chunk_rows = max(1, min(256, (1 << 20) // row_bytes))
+        chunk_rows = _chunk_rows(array)
         total += (len(array) // chunk_rows + 2) * chunk_rows * row_bytes
     return total
 
@@ -662,10 +667,6 @@ def _row_keys(group: h5py.Group, count: int) -> list[tuple[str, tuple[int, int]]
         group[name][:count] if name in group else np.full(count, UNKNOWN) for name in STAMP_COLUMNS
     ]
     return [(p, (int(s), int(m))) for p, s, m in zip(paths, *stamps, strict=True)]
-
-
-def _failure_keys(group: h5py.Group, count: int) -> list[tuple[str, tuple[int, int]]]:
-    return _row_keys(group, count)
 
 
 def _copy_rows(source: h5py.File, dest: Path, rows, row_index, failures, failure_index) -> None:
@@ -820,7 +821,7 @@ def read_failures(path: str | Path, stamps: bool = False) -> list[tuple]:
         index = group["index"][:count]
         paths = [v.decode() for v in group["path"][:count]]
         reasons = [v.decode() for v in group["reason"][:count]]
-        keys = _failure_keys(group, count)
+        keys = _row_keys(group, count)
     triples = [(int(i), p, r) for i, p, r in zip(index, paths, reasons, strict=True)]
     if not stamps:
         return triples
