@@ -389,9 +389,9 @@ def show(out, dest, limit, html, sort, ascending) -> None:
 )
 @click.option(
     "--baseline",
-    type=click.Choice(["center", "random"]),
     default=None,
-    help="Score a baseline instead of saliency maps.",
+    help="Score a comparison's maps instead of saliency maps: center, random, gradcam or "
+    "any registered comparison.",
 )
 @click.option("--model", default=None, help="Model (default: the run's, else efficientnet_lite0).")
 @click.option("--size", type=int, default=None, help="Input size (default: the run's, or 224).")

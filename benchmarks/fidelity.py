@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.configuration import EvalOptions, RunOptions  # noqa: E402
 from pipeline.run import run  # noqa: E402
-from pipeline.store import read_columns  # noqa: E402
+from pipeline.runfile import read_columns  # noqa: E402
 
 # variant name -> (precision, torch.compile, CUDA graphs)
 VARIANTS = {

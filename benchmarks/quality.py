@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.report import bootstrap_ci, row_label, summary_table  # noqa: E402
+from pipeline.runfile import read_columns  # noqa: E402
 from pipeline.shards import sum_timings  # noqa: E402
-from pipeline.store import read_columns  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

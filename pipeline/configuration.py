@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from . import __version__
+from .comparisons import comparison_names
 from .errors import SettingsError
-from .methods import DEFAULT_METHOD, comparison_names, get_method, method_for_preset
-from .metrics import BASELINES, CurveProtocol
+from .methods import DEFAULT_METHOD, get_method, method_for_preset
+from .metrics import CurveProtocol
 from .optimize import SpeedOptions
 
 # Step images scored per forward pass when not set. On this CPU (one thread), deletion +
@@ -39,7 +40,7 @@ def eval_batch_size_for(device: torch.device) -> int:
 
 def comparisons() -> tuple[str, ...]:
     """What is scored beside every map by default: the baselines and the cheap methods."""
-    return BASELINES + tuple(comparison_names())
+    return comparison_names()
 
 
 @dataclass

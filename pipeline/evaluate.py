@@ -14,23 +14,16 @@ import torch
 from tqdm import tqdm
 
 from .batching import loader
+from .comparisons import MapRequest, comparison_maps, get_comparison
 from .configuration import EvalOptions, pick_device, versions
 from .datasets import DatasetError, ImageFolderDataset, discover
 from .methods import DEFAULT_METHOD, get_method, settings_from_config
-from .metrics import baseline_saliency
 from .models import load_model
 from .outdir import hold, prepare_out
 from .report import write_report_csv, write_summary
+from .runfile import MASKS_FILE, REPORT_FILE, SCORES_FILE, read_columns
 from .scoring import check_labels, evaluate_batch, image_columns
-from .store import (
-    MASKS_FILE,
-    REPORT_FILE,
-    SCORES_FILE,
-    MaskStore,
-    StoreError,
-    read_columns,
-    replace_columns,
-)
+from .store import MaskStore, StoreError, replace_columns
 
 
 @dataclass(frozen=True)
@@ -104,7 +97,8 @@ def read_saliency_source(options: EvaluateOptions) -> SaliencySource:
     source = options.source
     if source is None:
         if options.baseline is None:
-            raise DatasetError("evaluate needs a saliency file or --baseline center|random")
+            raise DatasetError("evaluate needs a saliency file or --baseline NAME")
+        get_comparison(options.baseline)  # an unknown name fails before the model loads
         return SaliencySource([], None, None, None, {})
     source = Path(source)
     source = source / MASKS_FILE if source.is_dir() else source
@@ -256,9 +250,10 @@ def _score_all(options, source, samples, positions, model, size, device):
         saliency = source.batch(rows, size, device)
         if saliency is None:
             keys = [s.path for s in chosen]
-            saliency = baseline_saliency(
-                options.baseline, keys, (size, size), options.evaluation.seed
-            ).to(device)
+            request = MapRequest(
+                model, images, targets, keys, (size, size), options.evaluation.seed
+            )
+            saliency = comparison_maps(options.baseline, request)
         columns.update(
             evaluate_batch(
                 model,

@@ -563,17 +563,6 @@ def random_saliency(
 # Everything at once, for one batch
 # --------------------------------------------------------------------------------------
 
-BASELINES = ("center", "random")
-
-
-def baseline_saliency(name: str, image_ids: Sequence, size: tuple[int, int], seed: int = 0):
-    """The saliency of a named baseline for a batch: "center" or "random", B×h×w."""
-    if name == "center":
-        return center_saliency(len(image_ids), size)
-    if name == "random":
-        return random_saliency(image_ids, size, seed)
-    raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
-
 
 def score_saliency(
     model,

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import SettingsError
-from .store import MASKS_FILE, SCORES_FILE, read_columns, read_failures
+from .runfile import MASKS_FILE, SCORES_FILE, read_columns, read_failures
 
 # Per-image columns in the order they appear in report.csv (those present in the file).
 REPORT_COLUMNS = [

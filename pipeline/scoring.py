@@ -8,21 +8,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from .comparisons import MapRequest, comparison_maps, get_comparison
 from .configuration import EvalOptions, eval_batch_size_for
 from .datasets import DatasetError, Sample
 from .localization import localization_columns
-from .methods import get_method
-from .metrics import (
-    BASELINES,
-    baseline_saliency,
-    box_coverage,
-    center_points,
-    pointing_hits,
-    pointing_points,
-    score_saliency,
-)
+from .metrics import box_coverage, pointing_hits, pointing_points, score_saliency
 from .models import NormalizedClassifier, channels_last_on_cpu
-from .seeding import image_seed
 
 
 def check_labels(samples: list[Sample], num_classes: int, model_name: str) -> None:
@@ -84,26 +75,6 @@ def target_boxes(sample: Sample, target: int) -> torch.Tensor | None:
     return torch.tensor(boxes, dtype=torch.float64) if boxes else None
 
 
-def comparison_saliency(
-    name: str,
-    model: NormalizedClassifier,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    keys: list[str],
-    grid: tuple[int, int],
-    seed: int,
-) -> torch.Tensor:
-    """The B×H×W map of a comparison row: a baseline at `grid` or a registered method's map
-    (its default settings) at the input size."""
-    if name in BASELINES:
-        return baseline_saliency(name, keys, grid, seed).to(images.device)
-    method = get_method(name)
-    settings = method.resolve_settings(method.default_settings, model)
-    seeds = [image_seed(getattr(settings, "seed", 0), key) for key in keys]
-    columns = method.explain(model, images, targets, seeds, settings)
-    return method.saliency(columns, settings, tuple(images.shape[-2:]))
-
-
 # TorchRay's benchmark smoothing, reported beside the raw argmax for every map (issue 12: a
 # deletion mask's saliency is a plateau whose raw argmax is its first pixel)
 POINTING_SMOOTH = 0.09
@@ -153,7 +124,8 @@ def evaluate_batch(
     saliency B×h×w (higher = more important); sizes (width, height) of the original images.
     The random baseline is noise at `baseline_size` (the mask's granularity; default the
     saliency's); the centre baseline points at the image centre in the pointing game.
-    Every map's pointing uses evaluation.smooth; `on_chunk` runs between scoring chunks.
+    Every map's pointing uses evaluation.smooth (or the comparison's own points, as the
+    centre's); `on_chunk` runs between scoring chunks.
     """
     boxes = [target_boxes(s, int(t)) for s, t in zip(samples, targets.tolist(), strict=True)]
     keys = [s.path for s in samples]
@@ -171,9 +143,11 @@ def evaluate_batch(
         columns["box_coverage"] = coverage
         columns["small_object"] = np.where(np.isnan(coverage), np.nan, coverage < 0.25)
         grid = baseline_size or tuple(saliency.shape[-2:])
+        request = MapRequest(model, images, targets, keys, grid, evaluation.seed)
         for name in evaluation.baselines:
-            other = comparison_saliency(name, model, images, targets, keys, grid, evaluation.seed)
-            points = center_points(sizes) if name == "center" else None
+            other = comparison_maps(name, request)
+            pointing = get_comparison(name).points
+            points = pointing(sizes) if pointing is not None else None
             scores = _map_columns(model, images, other, targets, boxes, sizes, options, points)
             columns.update({f"{name}_{k}": v for k, v in scores.items()})
     return columns

@@ -17,17 +17,19 @@ from .errors import one_line
 from .listing import Listing, compare
 from .outdir import OutputInUse, hold
 from .report import write_failures_csv, write_report_csv, write_summary
-from .store import (
+from .runfile import (
     FAILURES_FILE,
-    FORMAT,
     MASKS_FILE,
     REPORT_FILE,
-    StoreError,
-    create_column,
-    create_failures,
     read_columns,
     read_failures,
     read_listing,
+)
+from .store import (
+    FORMAT,
+    StoreError,
+    create_column,
+    create_failures,
     string_array,
     write_listing,
 )

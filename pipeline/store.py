@@ -55,17 +55,18 @@ import numpy as np
 
 from .errors import MpbatchError, one_line
 from .listing import UNKNOWN, Listing, same_stamp
+from .runfile import (
+    FAILURE_FIELDS,
+    STAMP_COLUMNS,
+    decode_strings,
+    listing_of,
+    row_keys,
+)
 
 FORMAT = "mpbatch-masks-1"
-MASKS_FILE = "masks.h5"  # a run's file (shards: masks-IIIII-of-NNNNN.h5)
-SCORES_FILE = "scores.h5"  # `evaluate`'s file for maps not made by mpbatch
-REPORT_FILE = "report.csv"
-FAILURES_FILE = "failures.csv"
 LISTING_PART = "listing.h5"  # the journal's copy of the stored listing
 DROPPED_DIR = "dropped"  # rows whose image left the listing, one file per resume that dropped
 STRING = h5py.string_dtype("utf-8")
-FAILURE_FIELDS = ("index", "path", "reason")
-STAMP_COLUMNS = ("file_size", "file_mtime_ns")
 
 
 # Crash testing: MPBATCH_KILL_AT="stage:n" kills this process with SIGKILL the n-th time it
@@ -321,7 +322,7 @@ class MaskStore:
         store = cls._create(path, _part_config(parts), versions)
         if (parts / LISTING_PART).exists():
             with h5py.File(parts / LISTING_PART, "r") as journal:
-                listing = _read_listing(journal)
+                listing = listing_of(journal)
             if listing is not None:
                 write_listing(store.file, listing)
                 store.file.attrs["listing_sha256"] = listing.digest()
@@ -414,8 +415,8 @@ class MaskStore:
         path; the others (image gone, file replaced, a duplicate) are moved to a file under
         OUT/dropped/. Kept rows are renumbered to today's positions. Returns what is done.
         """
-        rows = _row_keys(self.file, self.rows)
-        failures = _row_keys(self.file["failures"], self.n_failures)
+        rows = row_keys(self.file, self.rows)
+        failures = row_keys(self.file["failures"], self.n_failures)
         seen: set[str] = set()
         kept_rows, kept_failures, gone, replaced = [], [], 0, 0
         for keys, kept in ((rows, kept_rows), (failures, kept_failures)):
@@ -469,7 +470,7 @@ class MaskStore:
 
     def listing(self) -> Listing | None:
         """The listing stored by the last invocation (None in files that predate it)."""
-        return _read_listing(self.file)
+        return listing_of(self.file)
 
     @_write_errors_are_store_errors
     def set_listing(self, listing: Listing) -> None:
@@ -657,18 +658,6 @@ def _failure_columns(failures: list[tuple]) -> dict[str, np.ndarray]:
     }
 
 
-def _row_keys(group: h5py.Group, count: int) -> list[tuple[str, tuple[int, int]]]:
-    """(path, (size, mtime_ns)) of the first `count` entries of a group with a path column;
-    the stamp is unknown where the file predates stamps."""
-    if count == 0:
-        return []
-    paths = _decode(group["path"][:count])
-    stamps = [
-        group[name][:count] if name in group else np.full(count, UNKNOWN) for name in STAMP_COLUMNS
-    ]
-    return [(p, (int(s), int(m))) for p, s, m in zip(paths, *stamps, strict=True)]
-
-
 def _copy_rows(source: h5py.File, dest: Path, rows, row_index, failures, failure_index) -> None:
     """Write `dest` as a copy of `source` with only the given rows and failures, in order;
     their `index` replaced by row_index / failure_index unless None. Written and fsynced."""
@@ -698,7 +687,7 @@ def _copy_rows(source: h5py.File, dest: Path, rows, row_index, failures, failure
 
 def _decode_strings(dataset: h5py.Dataset, values: np.ndarray) -> np.ndarray:
     if h5py.check_string_dtype(dataset.dtype):
-        return string_array(_decode(values))
+        return string_array(decode_strings(values))
     return values
 
 
@@ -707,21 +696,6 @@ def write_listing(file: h5py.File, listing: Listing) -> None:
     create_column(group, "path", string_array(listing.paths))
     create_column(group, "file_size", listing.sizes)
     create_column(group, "file_mtime_ns", listing.mtimes)
-
-
-def read_listing(path: str | Path) -> Listing | None:
-    """The listing stored in a mask file (None for files that predate listings)."""
-    with h5py.File(path, "r") as file:
-        return _read_listing(file)
-
-
-def _read_listing(file: h5py.File) -> Listing | None:
-    if "listing" not in file:
-        return None
-    group = file["listing"]
-    return Listing(
-        tuple(_decode(group["path"][()])), group["file_size"][()], group["file_mtime_ns"][()]
-    )
 
 
 # -------------------------------------------------------------------- journal
@@ -770,19 +744,13 @@ def _write_journal_file(final: Path, fill: Callable[[h5py.File], None]) -> None:
     os.replace(temporary, final)
 
 
-def _decode(values: np.ndarray) -> np.ndarray | list[str]:
-    if values.dtype == object:
-        return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
-    return values
-
-
 def _read_part(part: Path) -> tuple[dict, list]:
     """(columns, failures) of a journal part."""
     with h5py.File(part, "r") as file:
-        columns = {name: _decode(d[()]) for name, d in file["columns"].items()}
+        columns = {name: decode_strings(d[()]) for name, d in file["columns"].items()}
         group = file["failures"]
         names = [n for n in (*FAILURE_FIELDS, *STAMP_COLUMNS) if n in group]
-        values = [_decode(group[n][()]) for n in names]
+        values = [decode_strings(group[n][()]) for n in names]
         failures = [tuple(v) for v in zip(*values, strict=True)] if values else []
         return columns, failures
 
@@ -792,42 +760,7 @@ def _part_config(parts: Path) -> dict:
         return json.loads(file.attrs["config"])
 
 
-# -------------------------------------------------------------------- reading
-def read_columns(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """All per-image datasets of a mask file (strings decoded) and its attributes (JSON decoded)."""
-    with h5py.File(path, "r") as file:
-        rows = int(file.attrs.get("rows", 0))
-        columns = {}
-        for name, dataset in file.items():
-            if isinstance(dataset, h5py.Dataset):
-                values = dataset[:rows]
-                if h5py.check_string_dtype(dataset.dtype):
-                    values = np.array([v.decode() if isinstance(v, bytes) else v for v in values])
-                columns[name] = values
-        attrs = {}
-        for key, value in file.attrs.items():
-            if isinstance(value, str) and value[:1] in "{[":
-                value = json.loads(value)
-            attrs[key] = value
-    return columns, attrs
-
-
-def read_failures(path: str | Path, stamps: bool = False) -> list[tuple]:
-    """The (index, path, reason) triples recorded in a mask file; with `stamps`, also each
-    file's (size, mtime_ns) as two more fields (unknown, -1, in older files)."""
-    with h5py.File(path, "r") as file:
-        count = int(file.attrs.get("failures", 0))
-        group = file["failures"]
-        index = group["index"][:count]
-        paths = [v.decode() for v in group["path"][:count]]
-        reasons = [v.decode() for v in group["reason"][:count]]
-        keys = _row_keys(group, count)
-    triples = [(int(i), p, r) for i, p, r in zip(index, paths, reasons, strict=True)]
-    if not stamps:
-        return triples
-    return [(*t, *stamp) for t, (_, stamp) in zip(triples, keys, strict=True)]
-
-
+# -------------------------------------------------------------------- rewriting
 def replace_columns(path: str | Path, columns: dict[str, np.ndarray], **attrs) -> None:
     """Overwrite (or add) whole per-image datasets of a finished file, e.g. recomputed metrics.
 

@@ -244,7 +244,7 @@ def localization_figure(errors: Any, title: str = "") -> Figure:
 
 # ------------------------------------------------------------------------------ a run's file
 def _masks_file(out: str | Path) -> Path:
-    from .store import MASKS_FILE
+    from .runfile import MASKS_FILE
 
     out = Path(out)
     return out / MASKS_FILE if out.is_dir() else out
@@ -258,7 +258,7 @@ def run_panels(out: str | Path, rows: Sequence[int] | None = None):
 
     from .datasets import decode_image, resize_image
     from .methods import DEFAULT_METHOD, get_method, settings_from_config
-    from .store import read_columns
+    from .runfile import read_columns
 
     columns, attrs = read_columns(_masks_file(out))
     config = attrs["config"]
@@ -317,7 +317,7 @@ def render_gallery(
 
     from .gallery import write_gallery
     from .report import per_image_table
-    from .store import read_columns
+    from .runfile import read_columns
 
     columns, attrs = read_columns(_masks_file(out))
     table = per_image_table(columns, list(attrs.get("class_names", [])))

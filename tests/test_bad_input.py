@@ -18,7 +18,7 @@ from tiny_models import TINY_OPTIONS
 
 from cli import main
 from pipeline.batching import halve_on_oom
-from pipeline.store import read_columns
+from pipeline.runfile import read_columns
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [

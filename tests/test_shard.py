@@ -18,7 +18,7 @@ import pipeline.shards as shards
 from cli import main
 from pipeline.datasets import DatasetError, resolve_shard
 from pipeline.listing import shard_of, shard_positions
-from pipeline.store import read_columns
+from pipeline.runfile import read_columns
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [

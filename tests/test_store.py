@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline.listing import Listing
-from pipeline.store import MaskStore, StoreError, read_columns, read_failures, read_listing
+from pipeline.runfile import read_columns, read_failures, read_listing
+from pipeline.store import MaskStore, StoreError
 
 CONFIG = {"model": "tiny", "mask": {"iterations": 3}}
 

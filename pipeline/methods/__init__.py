@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..columns import Column
 from ..errors import SettingsError
 
 _REGISTRY: dict[str, Method] = {}
@@ -38,7 +39,10 @@ class Method:
     """Base class of a saliency method; subclasses set the class attributes and methods."""
 
     name: ClassVar[str]
+    label: ClassVar[str] = ""  # readable name for reports and the gallery (default: name)
     summary: ClassVar[str]  # one line for --help
+    # the per-image columns `explain` stores besides "masks" (pipeline.columns' schema)
+    columns: ClassVar[tuple[Column, ...]] = ()
     settings_class: ClassVar[type]
     presets: ClassVar[dict[str, Any]]
     # the settings the CLI exposes as --flags: field name -> help text (choices from `choices`)
@@ -128,6 +132,15 @@ def _load_all() -> None:
         _LOADED = True
         for module in pkgutil.iter_modules(__path__):
             importlib.import_module(f"{__name__}.{module.name}")
+
+
+def declared_columns() -> tuple[Column, ...]:
+    """Every registered method's declared columns (the first declaration of a name wins)."""
+    seen: dict[str, Column] = {}
+    for name in method_names():
+        for column in get_method(name).columns:
+            seen.setdefault(column.name, column)
+    return tuple(seen.values())
 
 
 def method_names() -> list[str]:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..columns import Column
 from ..extremal import (
     EXTREMAL_PRESETS,
     ExtremalSettings,
@@ -28,6 +29,12 @@ from . import Method, register
 @register
 class ExtremalPerturbation(Method):
     name = "extremal"
+    label = "extremal perturbation"
+    columns = (
+        Column("params", "mask parameters"),
+        Column("reward", "reward per area", "higher"),
+        Column("mask_area", "mask area per area (preserved fraction)"),
+    )
     summary = "extremal perturbations (Fong, Patrick & Vedaldi 2019; TorchRay's algorithm)"
     settings_class = ExtremalSettings
     presets = EXTREMAL_PRESETS

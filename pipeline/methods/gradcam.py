@@ -84,6 +84,7 @@ def default_layer(model: nn.Module) -> str:
 @register
 class GradCam(Method):
     name = "gradcam"
+    label = "Grad-CAM"
     summary = "Grad-CAM (Selvaraju et al. 2017), captum's LayerGradCam"
     settings_class = GradCamSettings
     presets = {"gradcam": GradCamSettings()}

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..columns import Column
 from ..optimize import (
     GAMES,
     PERTURBATIONS,
@@ -30,6 +31,12 @@ from . import Method, register
 @register
 class MeaningfulPerturbation(Method):
     name = "meaningful"
+    label = "meaningful perturbation"
+    columns = (
+        Column("prob_masked", "p(class), masked image"),
+        Column("loss", "final loss", "lower"),
+        Column("mask_area", "mask area (deleted fraction)", "lower"),
+    )
     summary = "meaningful perturbations (Fong & Vedaldi 2017)"
     settings_class = MaskSettings
     presets = PRESETS

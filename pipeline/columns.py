@@ -1,0 +1,208 @@
+"""The one column schema of mpbatch's files and reports.
+
+A mask file holds one row per image. Its columns are of three kinds:
+
+* the image's own: ``index``, ``path``, sizes, classes, its file's stamp, ``prob_clean``,
+  the boxes' coverage (IMAGE_COLUMNS);
+* the method's: what its `explain` stored (``masks``, ``prob_masked``, ...), declared by each
+  registered method in `Method.columns`;
+* per scored map, the metrics of MAP_METRICS and the curves of MAP_CURVES. The run's own map
+  is unprefixed (``deletion_auc``); every comparison map (centre, random, Grad-CAM, any
+  registered comparison) is prefixed with its name (``gradcam_deletion_auc``).
+
+Whatever reads or shows columns (report.csv, the summary, `report`'s side-by-side view, the
+gallery, benchmarks/quality.py) asks this module for their order, label and which direction
+is better, so a new metric or a new comparison is declared once. The module imports nothing
+of mpbatch: the registries pass their names in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+METHOD_ROW = "method"  # the key of the unprefixed map in summaries and tables
+
+
+@dataclass(frozen=True)
+class Column:
+    """A per-image column: its stored name, a readable label, and which way is better
+    ("lower", "higher" or None); `key` marks the few shown for every map at a glance."""
+
+    name: str
+    label: str
+    better: str | None = None
+    key: bool = False
+
+    @property
+    def arrow(self) -> str:
+        return {"lower": " ↓", "higher": " ↑"}.get(self.better or "", "")
+
+
+# The metrics every scored map gets (pipeline.scoring), in report order.
+MAP_METRICS = (
+    Column("deletion_auc", "deletion AUC", "lower", key=True),
+    Column("insertion_auc", "insertion AUC", "higher", key=True),
+    Column("pointing_hit", "pointing hit", "higher", key=True),
+    Column("pointing_energy", "pointing energy", "higher"),
+    Column("pointing_hit_raw", "pointing hit, raw argmax", "higher"),
+    Column("pointing_hit_smooth", "pointing hit, smoothed 0.09", "higher"),
+    Column("loc_hit", "localization hit", "higher", key=True),
+    Column("loc_hit_energy", "localization hit, energy 0.95", "higher"),
+    Column("loc_hit_value", "localization hit, value 0.10", "higher"),
+    Column("loc_hit_mean", "localization hit, mean 0.5", "higher"),
+)
+# Per-map curves (N×K columns): kept in the mask file, summarised, never in report.csv.
+MAP_CURVES = (
+    "deletion_curve",
+    "insertion_curve",
+    "loc_curve_energy",
+    "loc_curve_value",
+    "loc_curve_mean",
+)
+LOC_RULES = ("value", "energy", "mean")  # pipeline.localization.RULES, the default second
+
+IMAGE_COLUMNS = (
+    Column("index", "position in the listing"),
+    Column("path", "path"),
+    Column("width", "width"),
+    Column("height", "height"),
+    Column("label", "label"),
+    Column("target", "explained class"),
+    Column("pred", "predicted class"),
+    Column("prob_clean", "p(class), clean image"),
+    Column("box_coverage", "box coverage"),
+    Column("small_object", "small object (boxes < 25%)"),
+    Column("file_size", "file size"),
+    Column("file_mtime_ns", "file mtime (ns)"),
+)
+# Columns that identify an image rather than score it.
+ID_COLUMNS = frozenset(
+    {"index", "row", "path", "width", "height", "label", "target", "pred"}
+    | {"file_size", "file_mtime_ns"}
+)
+# report.csv's leading columns, in order (those present); the rest follow in file order.
+REPORT_ORDER = (
+    "index",
+    "path",
+    "width",
+    "height",
+    "label",
+    "label_name",
+    "target",
+    "target_name",
+    "pred",
+    "pred_name",
+    "prob_clean",
+    "prob_masked",
+    "loss",
+    "mask_area",
+)
+CLASS_COLUMNS = ("label", "target", "pred")  # each gets a `<name>_name` column in reports
+
+_BY_NAME = {c.name: c for c in (*MAP_METRICS, *IMAGE_COLUMNS)}
+
+
+def prefix(map_name: str) -> str:
+    """The column prefix of a scored map: "" for the run's own, "NAME_" for a comparison."""
+    return "" if map_name == METHOD_ROW else f"{map_name}_"
+
+
+def split(column: str, maps: Iterable[str] = ()) -> tuple[str, str]:
+    """(map, metric) of a per-map column name; (METHOD_ROW, column) for an unprefixed one.
+
+    `maps`: the comparison names to recognise (a prefix is only split off when it is one).
+    """
+    for name in sorted(maps, key=len, reverse=True):
+        if column.startswith(f"{name}_") and len(column) > len(name) + 1:
+            return name, column[len(name) + 1 :]
+    return METHOD_ROW, column
+
+
+def describe(column: str, maps: Iterable[str] = (), extra: Sequence[Column] = ()) -> Column:
+    """The schema entry of any column, prefixed or not: its label and direction.
+
+    extra: columns declared elsewhere (a method's). Unknown columns get their own name as
+    label and no direction.
+    """
+    owner, metric = split(column, maps)
+    known = {**_BY_NAME, **{c.name: c for c in extra}}
+    base = known.get(metric, Column(metric, metric.replace("_", " ")))
+    label = base.label if owner == METHOD_ROW else f"{owner}: {base.label}"
+    return Column(column, label, base.better, base.key)
+
+
+def scored_maps(columns: Iterable[str], comparisons: Sequence[str]) -> tuple[str, ...]:
+    """METHOD_ROW, then every map P with a `P_deletion_auc` or `P_pointing_hit` column:
+    the registered comparisons in `comparisons`' order, then unknown prefixes sorted."""
+    found = {
+        name[: -len(suffix)]
+        for name in columns
+        for suffix in ("_deletion_auc", "_pointing_hit")
+        if name.endswith(suffix) and len(name) > len(suffix)
+    }
+    ordered = [m for m in comparisons if m in found] + sorted(found - set(comparisons))
+    return (METHOD_ROW, *ordered)
+
+
+# --------------------------------------------------------------------------------------
+# The summary: one row per scored map
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SummaryColumn:
+    """A column of summary.csv and of the markdown table: mean over images of `source`
+    (a MAP_METRICS name; None for a count), with a bootstrap interval when `interval`."""
+
+    name: str
+    label: str
+    source: str | None = None
+    better: str | None = None
+    interval: bool = False
+    in_markdown: bool = True
+
+    @property
+    def header(self) -> str:
+        return self.label + {"lower": " ↓", "higher": " ↑"}.get(self.better or "", "")
+
+
+SUMMARY = (
+    SummaryColumn(METHOD_ROW, "method"),
+    SummaryColumn("images", "images"),
+    SummaryColumn("deletion_auc", "deletion AUC", "deletion_auc", "lower", True),
+    SummaryColumn("insertion_auc", "insertion AUC", "insertion_auc", "higher", True),
+    SummaryColumn("pointing_acc", "pointing acc", "pointing_hit", "higher", True),
+    SummaryColumn("pointing_acc_macro", "pointing acc, class mean", "pointing_hit", "higher"),
+    SummaryColumn(
+        "pointing_acc_small", "pointing acc, small objects", "pointing_hit", "higher", True
+    ),
+    SummaryColumn("pointing_energy", "pointing energy", "pointing_energy", "higher", True),
+    SummaryColumn("pointing_images", "images with boxes"),
+    SummaryColumn("small_images", "small objects"),
+    # 1 − hit: the paper's localization error, energy rule at α 0.95
+    SummaryColumn("loc_error", "loc error, energy 0.95", "loc_hit_energy", "lower", True),
+    SummaryColumn("loc_error_value", "loc error, value 0.10", "loc_hit_value", "lower"),
+    SummaryColumn("loc_error_mean", "loc error, mean 0.5", "loc_hit_mean", "lower"),
+    SummaryColumn("pointing_acc_raw", "pointing, raw argmax", "pointing_hit_raw", "higher"),
+    SummaryColumn(
+        "pointing_acc_smooth", "pointing, smoothed 0.09", "pointing_hit_smooth", "higher"
+    ),
+)
+
+
+def summary_csv_columns() -> list[str]:
+    """summary.csv's header: each SUMMARY column, its `_low` and `_high` after it when it
+    has an interval (kept in the order of the files mpbatch has always written)."""
+    names: list[str] = []
+    for column in SUMMARY:
+        names.append(column.name)
+        if column.interval:
+            names += [f"{column.name}_low", f"{column.name}_high"]
+    return names
+
+
+def markdown_columns(present: Mapping[str, object] | Iterable[str]) -> list[SummaryColumn]:
+    """The SUMMARY columns the markdown table shows, those present in a summary table."""
+    present = set(present)
+    return [c for c in SUMMARY if c.in_markdown and c.name in present]
