@@ -354,14 +354,14 @@ def run(data, out, metrics, step, tolerance, eval_batch_size, baselines, smooth,
 @_user_errors
 def show(out, dest, limit, html, sort, ascending) -> None:
     """Draw image, perturbed image and saliency for the images of a run in OUT."""
-    from pipeline.visualize import render_figures, render_gallery
+    from pipeline.outputs import write_figures, write_gallery
 
     if html:
         count = 100 if limit is None else limit
-        page = render_gallery(out, dest, sort=sort, descending=not ascending, limit=count)
+        page = write_gallery(out, dest, sort=sort, descending=not ascending, limit=count)
         click.echo(f"gallery written to {page}")
         return
-    written = render_figures(out, dest, limit=limit)
+    written = write_figures(out, dest, limit=limit)
     click.echo(f"{len(written)} figures written to {dest}")
 
 
@@ -450,13 +450,13 @@ def merge(out) -> None:
 @_user_errors
 def report(runs, output, names) -> None:
     """Compare the summaries of several runs side by side (one row per run and method)."""
+    from pipeline.outputs import write_comparison
     from pipeline.report import compare_runs, markdown_table
 
     table = compare_runs(list(runs), list(names) or None)
     click.echo(markdown_table(table))
-    table.to_csv(output, index=False)
-    Path(output).with_suffix(".md").write_text(markdown_table(table))
-    click.echo(f"written to {output} and {Path(output).with_suffix('.md')}")
+    markdown = write_comparison(table, output)
+    click.echo(f"written to {output} and {markdown}")
 
 
 if __name__ == "__main__":

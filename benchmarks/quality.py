@@ -37,8 +37,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.report import bootstrap_ci, row_label, summary_table  # noqa: E402
-from pipeline.runfile import read_columns  # noqa: E402
+from pipeline.report import bootstrap_ci, summary_table  # noqa: E402
+from pipeline.runfile import map_label, read_columns  # noqa: E402
 from pipeline.shards import sum_timings  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -161,7 +161,7 @@ def setting_rows(name: str, run: tuple[dict, dict], centre: pd.DataFrame | None)
     """One record per row of this setting's summary (`run`: read_run's columns and
     attributes), with the paired differences."""
     columns, attrs = run
-    label = row_label(attrs["config"])
+    label = map_label(attrs["config"])
     summary = summary_table(columns, label=label)
     making, scoring = _seconds(attrs, len(columns.get("path", [])))
     maps = len(summary)
@@ -252,7 +252,7 @@ def centre_table(run: tuple[dict, dict]) -> pd.DataFrame:
     table["small_object"] = np.asarray(columns["small_object"], dtype=np.float64)
     for metric in PAIRED:
         table[f"{metric}_centre"] = np.asarray(columns[f"center_{metric}"], dtype=np.float64)
-    own = row_label(attrs["config"]) == "gradcam"  # Grad-CAM as the run's method: unprefixed
+    own = map_label(attrs["config"]) == "gradcam"  # Grad-CAM as the run's method: unprefixed
     for metric in PAIRED_GRADCAM:
         name = metric if own else f"gradcam_{metric}"
         if name in columns:

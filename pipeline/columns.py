@@ -18,7 +18,7 @@ of mpbatch: the registries pass their names in.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 METHOD_ROW = "method"  # the key of the unprefixed map in summaries and tables
@@ -152,38 +152,66 @@ def scored_maps(columns: Iterable[str], comparisons: Sequence[str]) -> tuple[str
 
 @dataclass(frozen=True)
 class SummaryColumn:
-    """A column of summary.csv and of the markdown table: mean over images of `source`
-    (a MAP_METRICS name; None for a count), with a bootstrap interval when `interval`."""
+    """A column of summary.csv and of the markdown table, for one scored map.
+
+    statistic: "mean" of the per-image column `source` over its finite values (of the
+    small-object rows when `small`; 1 − value when `complement`: an error from a hit),
+    with a bootstrap interval when `interval`; "class_mean": the mean over target classes
+    of per-class means; "count": finite `source` values (of small-object rows when
+    `small`); "name": the map's label.
+    """
 
     name: str
     label: str
     source: str | None = None
     better: str | None = None
     interval: bool = False
-    in_markdown: bool = True
+    statistic: str = "mean"
+    small: bool = False
+    complement: bool = False
 
     @property
     def header(self) -> str:
         return self.label + {"lower": " ↓", "higher": " ↑"}.get(self.better or "", "")
 
 
+def _count(name: str, label: str, source: str, small: bool = False) -> SummaryColumn:
+    return SummaryColumn(name, label, source, statistic="count", small=small)
+
+
+def _error(name: str, label: str, source: str, interval: bool = False) -> SummaryColumn:
+    return SummaryColumn(name, label, source, "lower", interval, complement=True)
+
+
 SUMMARY = (
-    SummaryColumn(METHOD_ROW, "method"),
-    SummaryColumn("images", "images"),
+    SummaryColumn(METHOD_ROW, "method", statistic="name"),
+    _count("images", "images", "deletion_auc"),
     SummaryColumn("deletion_auc", "deletion AUC", "deletion_auc", "lower", True),
     SummaryColumn("insertion_auc", "insertion AUC", "insertion_auc", "higher", True),
     SummaryColumn("pointing_acc", "pointing acc", "pointing_hit", "higher", True),
-    SummaryColumn("pointing_acc_macro", "pointing acc, class mean", "pointing_hit", "higher"),
     SummaryColumn(
-        "pointing_acc_small", "pointing acc, small objects", "pointing_hit", "higher", True
+        "pointing_acc_macro",
+        "pointing acc, class mean",
+        "pointing_hit",
+        "higher",
+        False,
+        statistic="class_mean",
+    ),
+    SummaryColumn(
+        "pointing_acc_small",
+        "pointing acc, small objects",
+        "pointing_hit",
+        "higher",
+        True,
+        small=True,
     ),
     SummaryColumn("pointing_energy", "pointing energy", "pointing_energy", "higher", True),
-    SummaryColumn("pointing_images", "images with boxes"),
-    SummaryColumn("small_images", "small objects"),
-    # 1 − hit: the paper's localization error, energy rule at α 0.95
-    SummaryColumn("loc_error", "loc error, energy 0.95", "loc_hit_energy", "lower", True),
-    SummaryColumn("loc_error_value", "loc error, value 0.10", "loc_hit_value", "lower"),
-    SummaryColumn("loc_error_mean", "loc error, mean 0.5", "loc_hit_mean", "lower"),
+    _count("pointing_images", "images with boxes", "pointing_hit"),
+    _count("small_images", "small objects", "pointing_hit", small=True),
+    # the paper's localization error (1 − hit), energy rule at α 0.95, then the others
+    _error("loc_error", "loc error, energy 0.95", "loc_hit_energy", interval=True),
+    _error("loc_error_value", "loc error, value 0.10", "loc_hit_value"),
+    _error("loc_error_mean", "loc error, mean 0.5", "loc_hit_mean"),
     SummaryColumn("pointing_acc_raw", "pointing, raw argmax", "pointing_hit_raw", "higher"),
     SummaryColumn(
         "pointing_acc_smooth", "pointing, smoothed 0.09", "pointing_hit_smooth", "higher"
@@ -202,7 +230,8 @@ def summary_csv_columns() -> list[str]:
     return names
 
 
-def markdown_columns(present: Mapping[str, object] | Iterable[str]) -> list[SummaryColumn]:
-    """The SUMMARY columns the markdown table shows, those present in a summary table."""
+def markdown_columns(present: Iterable[str]) -> list[SummaryColumn]:
+    """The SUMMARY columns of a summary table (a summary written before a column existed
+    lacks it), in the markdown table's order."""
     present = set(present)
-    return [c for c in SUMMARY if c.in_markdown and c.name in present]
+    return [c for c in SUMMARY if c.name in present]

@@ -44,12 +44,14 @@ class MapRequest:
 class Comparison:
     """name: its column prefix; label: readable; maps(request) -> B×h×w (higher = more
     important, any resolution); points(original sizes) -> B×2 (x, y) replaces the map's
-    argmax in the pointing game, when given."""
+    argmax in the pointing game, when given; optional: a baseline the gallery shows only
+    on request."""
 
     name: str
     label: str
     maps: Callable[[MapRequest], torch.Tensor]
     points: Callable[[Sequence[tuple[int, int]]], torch.Tensor] | None = None
+    optional: bool = False  # the gallery hides its thumbnails until asked (the baselines)
 
 
 _REGISTRY: dict[str, Comparison] = {}
@@ -106,6 +108,14 @@ register(
         "centre baseline",
         lambda r: center_saliency(len(r.keys), r.grid),
         points=center_points,
+        optional=True,
     )
 )
-register(Comparison("random", "random baseline", lambda r: random_saliency(r.keys, r.grid, r.seed)))
+register(
+    Comparison(
+        "random",
+        "random baseline",
+        lambda r: random_saliency(r.keys, r.grid, r.seed),
+        optional=True,
+    )
+)

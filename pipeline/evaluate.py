@@ -20,7 +20,7 @@ from .datasets import DatasetError, ImageFolderDataset, discover
 from .methods import DEFAULT_METHOD, get_method, settings_from_config
 from .models import load_model
 from .outdir import hold, prepare_out
-from .report import write_report_csv, write_summary
+from .outputs import write_report_csv, write_summary
 from .runfile import MASKS_FILE, REPORT_FILE, SCORES_FILE, read_columns
 from .scoring import check_labels, evaluate_batch, image_columns
 from .store import MaskStore, StoreError, replace_columns

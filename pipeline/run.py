@@ -40,7 +40,7 @@ from .methods import Method, get_method
 from .models import NormalizedClassifier, load_model
 from .optimize import SpeedOptions
 from .outdir import hold, prepare_out
-from .report import write_failures_csv, write_report_csv, write_summary
+from .outputs import write_run_reports, write_summary
 from .scoring import check_labels, evaluate_batch, image_columns
 from .shards import all_shards_complete, merge_once, output_names
 from .stopping import Interrupted, StopRequested, StopSignals
@@ -97,8 +97,7 @@ def run(options: RunOptions) -> RunResult:
         with StopSignals() as stop:
             job, part = _start(options, samples, layout, shard, out / masks_name, stop)
             outcome = _explain_into(job, part, shard, started)
-        write_report_csv(out / masks_name, out / report_name)
-        write_failures_csv(out / masks_name, out / failures_name)
+        write_run_reports(out / masks_name, out, report_name, failures_name)
     if stop.received is not None:
         raise Interrupted(
             f"stopped by {stop.received} after {len(part) - outcome.left} of {len(part)} "

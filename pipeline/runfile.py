@@ -142,6 +142,11 @@ def read_listing(path: str | Path) -> Listing | None:
         return listing_of(file)
 
 
+def map_label(config: dict) -> str:
+    """How a run's own map is labelled in summaries: its name, else its method."""
+    return str(config.get("name") or config.get("method") or "method")
+
+
 @dataclass
 class RunFile:
     """A mask or scores file read whole: per-image columns and decoded attributes.
@@ -175,8 +180,7 @@ class RunFile:
 
     @property
     def label(self) -> str:
-        """How the run's own map is labelled in summaries: its name, else its method."""
-        return str(self.config.get("name") or self.config.get("method") or "method")
+        return map_label(self.config)
 
     def failures(self) -> list[tuple]:
         return read_failures(self.path)

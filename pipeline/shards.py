@@ -16,7 +16,7 @@ from .datasets import Shard
 from .errors import one_line
 from .listing import Listing, compare
 from .outdir import OutputInUse, hold
-from .report import write_failures_csv, write_report_csv, write_summary
+from .outputs import write_failures_csv, write_report_csv, write_summary
 from .runfile import (
     FAILURES_FILE,
     MASKS_FILE,

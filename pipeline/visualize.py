@@ -1,40 +1,37 @@
-"""Figures: per-image saliency panels and deletion / insertion curves.
+"""Pictures as pure functions: per-image saliency panels, deletion / insertion curves,
+localization error against α, and the gallery's thumbnails.
 
-Everything here builds `matplotlib.figure.Figure` objects directly (the Agg canvas, no pyplot
-state, no display), so it works on headless cluster nodes and in worker processes. The
-drawing functions read and write nothing but `save_figure`'s file; at the end, `run_panels`,
-`render_figures` and `render_gallery` draw a run's file (`mpbatch show`), asking the run's
-method for its perturbed image and map.
+Figures are `matplotlib.figure.Figure` objects built directly (the Agg canvas, no pyplot
+state, no display), so they work on headless cluster nodes and in worker processes;
+thumbnails are uint8 arrays. Nothing here reads or writes a file: pipeline.outputs saves
+what these functions return.
 
 Inputs may be numpy arrays or torch tensors (any device; they are detached and copied to the
-CPU); torch is imported only by the functions that read a run.
+CPU) without this module importing torch.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Mapping, Sequence
-from os import PathLike
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-
-from .errors import SettingsError
+from PIL import Image
 
 __all__ = [
     "curves_figure",
     "curve_auc",
     "localization_figure",
-    "render_figures",
-    "render_gallery",
-    "run_panels",
+    "saliency_overlay",
     "saliency_panel",
-    "save_figure",
+    "thumbnail",
+    "thumbnail_size",
+    "thumbnails",
     "upsample_bilinear",
 ]
 
@@ -155,21 +152,6 @@ def saliency_panel(
     return fig
 
 
-def save_figure(fig: Figure, path: str | PathLike[str]) -> None:
-    """Write `fig` to `path` as PNG at 100 dpi (creating parent folders), then close it.
-
-    Closing clears the figure's contents (and drops it from pyplot if pyplot manages it), so a
-    loop over thousands of images does not accumulate memory.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI)
-    pyplot = sys.modules.get("matplotlib.pyplot")
-    if pyplot is not None:
-        pyplot.close(fig)
-    fig.clear()
-
-
 def curve_auc(curve: Any) -> float:
     """Area under a curve of N+1 scores sampled evenly on x ∈ [0, 1] (trapezoid rule).
 
@@ -242,92 +224,51 @@ def localization_figure(errors: Any, title: str = "") -> Figure:
     return fig
 
 
-# ------------------------------------------------------------------------------ a run's file
-def _masks_file(out: str | Path) -> Path:
-    from .runfile import MASKS_FILE
-
-    out = Path(out)
-    return out / MASKS_FILE if out.is_dir() else out
+# ------------------------------------------------------------------------------ thumbnails
+CMAP = "jet"
+ALPHA = 0.5  # opacity of the coloured saliency over the image
 
 
-def run_panels(out: str | Path, rows: Sequence[int] | None = None):
-    """For rows of the run in `out` (folder or mask file; default all): yield (row, image
-    1×3×H×W, perturbed image 1×3×H×W, saliency 1×H×W, title), as the run's method made them
-    (images re-read from the run's data folder at its input size)."""
-    import torch
-
-    from .datasets import decode_image, resize_image
-    from .methods import DEFAULT_METHOD, get_method, settings_from_config
-    from .runfile import read_columns
-
-    columns, attrs = read_columns(_masks_file(out))
-    config = attrs["config"]
-    method = get_method(config.get("method") or DEFAULT_METHOD)
-    settings = settings_from_config(config)
-    names = list(attrs.get("class_names", []))
-    data, size = Path(config["data"]), int(config["size"])
-    mean = torch.tensor(config.get("normalization", {}).get("mean", [0.5, 0.5, 0.5]))
-    stored = [k for k in ("masks", "params", "prob_masked") if k in columns]
-    for row in range(len(columns.get("path", []))) if rows is None else rows:
-        relative = str(columns["path"][row])
-        pixels, width, height = decode_image(data / relative)
-        image = resize_image(pixels, size)[None]
-        one = {k: torch.from_numpy(np.asarray(columns[k][row : row + 1])) for k in stored}
-        saliency = method.saliency(one, settings, (size, size), config.get("area"))
-        perturbed, caption = method.perturbed(image, one, settings, mean, relative, (width, height))
-        target = int(columns["target"][row])
-        name = names[target] if 0 <= target < len(names) else str(target)
-        title = f"{relative}: {name} — p(clean) {columns['prob_clean'][row]:.3f}; {caption}"
-        yield row, image, perturbed, saliency, title
+def thumbnail_size(height: int, width: int, thumb_size: int) -> tuple[int, int]:
+    """(h, w) fitting height×width inside thumb_size×thumb_size, aspect kept, never enlarged."""
+    scale = min(1.0, thumb_size / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def render_figures(out: str | Path, dest: str | Path, limit: int | None = None) -> list[Path]:
-    """One PNG per explained image of the run in `out`: image, perturbed image, saliency."""
-    dest = Path(dest)
-    columns_rows = _row_count(out)
-    rows = range(columns_rows if limit is None else min(limit, columns_rows))
-    written = []
-    for _, image, perturbed, saliency, title in run_panels(out, rows):
-        relative = title.split(": ", 1)[0]
-        figure = saliency_panel(image[0], perturbed[0], saliency[0], title)
-        path = dest / (Path(relative).with_suffix("").as_posix().replace("/", "__") + ".png")
-        save_figure(figure, path)
-        written.append(path)
-    return written
+def thumbnail(image: Any, size: tuple[int, int]) -> np.ndarray:
+    """An image (as _as_hwc accepts) as h×w×3 uint8 at `size` = (h, w), Lanczos-resized."""
+    pil = Image.fromarray(np.round(_as_hwc(image) * 255.0).astype(np.uint8))
+    if pil.size != (size[1], size[0]):
+        pil = pil.resize((size[1], size[0]), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return np.asarray(pil)
 
 
-def _row_count(out: str | Path) -> int:
-    import h5py
+def saliency_overlay(image_thumb: np.ndarray, saliency: Any) -> np.ndarray:
+    """The saliency coloured with `CMAP` at opacity `ALPHA` over an h×w×3 image in [0, 1].
 
-    with h5py.File(_masks_file(out), "r") as file:
-        return int(file.attrs.get("rows", 0))
+    saliency: any h'×w' map, any range (NaN counts as the minimum); it is rescaled to [0, 1]
+    (a constant map becomes all zeros) and resized bilinearly to h×w. Returns h×w×3 in [0, 1].
+    """
+    sal = _as_2d(saliency).astype(np.float32)
+    sal = np.where(np.isfinite(sal), sal, np.nan)
+    lo, hi = (float(np.nanmin(sal)), float(np.nanmax(sal))) if np.isfinite(sal).any() else (0, 0)
+    sal = np.nan_to_num((sal - lo) / (hi - lo), nan=0.0) if hi > lo else np.zeros_like(sal)
+    h, w = image_thumb.shape[:2]
+    small = Image.fromarray(sal).resize((w, h), Image.Resampling.BILINEAR)
+    colours = matplotlib.colormaps[CMAP](np.clip(np.asarray(small), 0.0, 1.0))[..., :3]
+    return (1.0 - ALPHA) * image_thumb + ALPHA * colours
 
 
-def render_gallery(
-    out: str | Path,
-    dest: str | Path,
-    *,
-    sort: str = "deletion_auc",
-    descending: bool = True,
-    limit: int | None = 100,
-) -> Path:
-    """dest/index.html for the run in `out`: the `limit` rows first by `sort` (descending:
-    the worst deletion first by default), with thumbnails; see pipeline.gallery."""
-    import pandas as pd
-
-    from .gallery import write_gallery
-    from .report import per_image_table
-    from .runfile import read_columns
-
-    columns, attrs = read_columns(_masks_file(out))
-    table = per_image_table(columns, list(attrs.get("class_names", [])))
-    if sort not in table:
-        raise SettingsError(f"{_masks_file(out)}: no column {sort!r} to sort the gallery by")
-    order = table.sort_values(sort, ascending=not descending, na_position="last", kind="stable")
-    rows = [int(r) for r in order.index[: len(order) if limit is None else limit]]
-    thumbnails = (
-        (row, image[0], perturbed[0], saliency[0])
-        for row, image, perturbed, saliency, _ in run_panels(out, rows)
-    )
-    title = f"{Path(out).resolve().name}: {len(rows)} of {len(table)} images by {sort}"
-    return write_gallery(Path(dest), pd.DataFrame(table), thumbnails, title=title)
+def thumbnails(
+    image: Any, perturbed: Any, maps: dict[str, Any], thumb_size: int
+) -> dict[str, np.ndarray]:
+    """The gallery's pictures of one image as h×w×3 uint8 arrays: "image", "perturbed" and
+    "map:NAME" (the map over the image) for each of `maps` (name -> h'×w' saliency)."""
+    img = _as_hwc(image)
+    size = thumbnail_size(img.shape[0], img.shape[1], thumb_size)
+    small = thumbnail(img, size)
+    pictures = {"image": small, "perturbed": thumbnail(perturbed, size)}
+    base = small.astype(np.float64) / 255.0
+    for name, saliency in maps.items():
+        pictures[f"map:{name}"] = thumbnail(saliency_overlay(base, saliency), size)
+    return pictures

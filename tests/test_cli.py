@@ -177,7 +177,13 @@ def test_show_html_writes_a_gallery_of_the_worst_images(class_folders, tmp_path)
     report = pd.read_csv(out / "report.csv")
     worst = report.sort_values("deletion_auc", ascending=False, kind="stable").head(3)
     assert [r["path"] for r in data["rows"]] == list(worst["path"])
-    assert len(list((gallery / "thumbs").glob("*"))) == 9  # image, perturbed, saliency each
+    # image, perturbed, and the method's and the centre's map over the image, per row
+    kinds = {"image", "perturbed", "map-method", "map-center"}
+    rows = [r["row"] for r in data["rows"]]
+    assert {p.name for p in (gallery / "thumbs").glob("*")} == {
+        f"{row}-{kind}.jpg" for row in rows for kind in kinds
+    }
+    assert [m["name"] for m in data["maps"]] == ["method", "center"]
     bad = CliRunner().invoke(main, ["show", str(out), "-o", str(gallery), "--html", "--sort", "x"])
     assert bad.exit_code == 2 and "no column 'x'" in bad.output
 

@@ -1,4 +1,5 @@
-"""The HTML gallery: files, inline JSON, escaping, thumbnails; the page in headless Chromium."""
+"""The HTML gallery: its data, the page's text and escaping, the files written; the page in
+headless Chromium."""
 
 from __future__ import annotations
 
@@ -11,25 +12,25 @@ import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.gallery import (
-    ALPHA,
-    CMAP,
-    THUMB_KINDS,
-    default_metrics,
-    saliency_overlay,
-    thumbnail_size,
-    write_gallery,
-)
+from pipeline.columns import METHOD_ROW
+from pipeline.gallery import GalleryMap, default_metrics
+from pipeline.outputs import write_gallery_page
+from pipeline.visualize import thumbnail_size, thumbnails
 
 CHROMIUM = Path("/usr/bin/chromium")
 NASTY_PATH = "val/<img src=x onerror=alert(1)>&amp;\"q'</script><b>x.JPEG"
 DATA_RE = re.compile(r'<script type="application/json" id="gallery-data">(.*?)</script>', re.S)
+MAPS = (
+    GalleryMap(METHOD_ROW, "meaningful perturbation"),
+    GalleryMap("gradcam", "Grad-CAM"),
+    GalleryMap("center", "centre baseline", optional=True),
+)
+KINDS = ("image", "perturbed", "map:method", "map:gradcam", "map:center")
 
 
 def _table(n: int = 6) -> pd.DataFrame:
@@ -52,6 +53,8 @@ def _table(n: int = 6) -> pd.DataFrame:
             "small_object": (np.arange(n) % 2).astype(float),
             "box_coverage": rng.random(n),
             "center_deletion_auc": rng.random(n),
+            "gradcam_deletion_auc": np.linspace(0.6, 0.1, n),
+            "gradcam_pointing_hit": np.array([0.0, 1.0] * n)[:n],
         }
     )
 
@@ -67,9 +70,15 @@ def _picture(row: int, h: int = 24, w: int = 32) -> tuple[np.ndarray, np.ndarray
     return image, image * 0.4, sal
 
 
-def _thumbs(rows, h: int = 24, w: int = 32):
+def _thumbs(rows, h: int = 24, w: int = 32, thumb_size: int = 160):
     for row in rows:
-        yield (row, *_picture(row, h, w))
+        image, perturbed, sal = _picture(row, h, w)
+        maps = {m.name: sal * (k + 1) for k, m in enumerate(MAPS)}
+        yield row, thumbnails(image, perturbed, maps, thumb_size)
+
+
+def write_gallery(dest, table, pictures, **options) -> Path:
+    return write_gallery_page(Path(dest), table, pictures, MAPS, **options)
 
 
 def _data(page: Path) -> dict:
@@ -93,11 +102,12 @@ def _cell(value):
 # --------------------------------------------------------------------------------------
 
 
-def test_writes_index_and_three_thumbnails_per_row(tmp_path):
+def test_writes_index_and_a_thumbnail_per_picture(tmp_path):
     page = write_gallery(tmp_path / "g", _table(), _thumbs([0, 3, 5]), title="run 1")
     assert page == tmp_path / "g" / "index.html" and page.is_file()
     written = sorted(p.name for p in (tmp_path / "g" / "thumbs").iterdir())
-    assert written == sorted(f"{r}-{k}.jpg" for r in (0, 3, 5) for k in THUMB_KINDS)
+    names = [f"{r}-{k.replace(':', '-')}.jpg" for r in (0, 3, 5) for k in KINDS]
+    assert written == sorted(names)
     html = page.read_text(encoding="utf-8")
     assert "<title>run 1</title>" in html
     assert "fetch(" not in html and "http://" not in html and "https://" not in html
@@ -121,10 +131,45 @@ def test_inline_json_matches_the_table(tmp_path):
         for metric in metrics:
             want, got = _cell(expected[metric]), record["values"][metric]
             assert got is None if want is None else got == pytest.approx(want)
-        assert record["thumbs"] == {k: f"thumbs/{record['row']}-{k}.jpg" for k in THUMB_KINDS}
+        row = record["row"]
+        assert record["thumbs"] == {k: f"thumbs/{row}-{k.replace(':', '-')}.jpg" for k in KINDS}
+    assert [m["name"] for m in data["maps"]] == ["method", "gradcam", "center"]
+    assert [m["optional"] for m in data["maps"]] == [False, False, True]
+
+
+def test_directions_and_labels_come_from_the_schema_for_every_map(tmp_path):
+    data = _data(write_gallery(tmp_path, _table(), _thumbs([0])))
     better = {m["name"]: m["better"] for m in data["metrics"]}
-    assert better["deletion_auc"] == "lower" and better["center_deletion_auc"] == "lower"
-    assert better["insertion_auc"] == "higher" and better["prob_clean"] is None
+    # Grad-CAM's columns had no hint before the schema (issue 25)
+    assert better["deletion_auc"] == better["center_deletion_auc"] == "lower"
+    assert better["gradcam_deletion_auc"] == "lower"
+    assert better["gradcam_pointing_hit"] == better["insertion_auc"] == "higher"
+    assert better["prob_clean"] is None
+    labels = {m["name"]: m["label"] for m in data["metrics"]}
+    assert labels["gradcam_deletion_auc"] == "gradcam: deletion AUC"
+    assert labels["deletion_auc"] == "deletion AUC"
+    keys = [k["name"] for k in data["key_metrics"]]
+    assert keys == ["deletion_auc", "insertion_auc", "pointing_hit", "loc_hit"]
+
+
+def test_differences_are_the_method_minus_each_comparison(tmp_path):
+    table = _table()
+    data = _data(write_gallery(tmp_path, table, _thumbs([0, 1, 2])))
+    names = [d["name"] for d in data["differences"]]
+    # only where both columns exist: Grad-CAM's deletion and pointing, the centre's deletion
+    expected = ["diff:gradcam:deletion_auc", "diff:gradcam:pointing_hit"]
+    assert names == [*expected, "diff:center:deletion_auc"]
+    label = data["differences"][0]["label"]
+    assert label == "meaningful perturbation − Grad-CAM: deletion AUC"
+    assert data["differences"][0]["better"] == "lower"
+    for record in data["rows"]:
+        row = table.loc[record["row"]]
+        got = record["values"]["diff:gradcam:deletion_auc"]
+        want = row["deletion_auc"] - row["gradcam_deletion_auc"]
+        assert got is None if np.isnan(want) else got == pytest.approx(want)
+        assert record["values"]["diff:gradcam:pointing_hit"] == pytest.approx(
+            row["pointing_hit"] - row["gradcam_pointing_hit"]
+        )
 
 
 def test_nan_becomes_null(tmp_path):
@@ -156,7 +201,7 @@ def test_only_rows_with_thumbnails_appear(tmp_path):
     data = _data(write_gallery(tmp_path, table, _thumbs([40, 7, 19])))
     assert [r["row"] for r in data["rows"]] == [40, 7, 19]
     assert data["table_rows"] == 50
-    assert len(list((tmp_path / "thumbs").iterdir())) == 9
+    assert len(list((tmp_path / "thumbs").iterdir())) == 3 * len(KINDS)
 
 
 def test_row_index_need_not_be_a_range(tmp_path):
@@ -166,30 +211,16 @@ def test_row_index_need_not_be_a_range(tmp_path):
 
 
 def test_thumbnails_fit_thumb_size_and_are_not_enlarged(tmp_path):
-    thumbs = [(0, *_picture(0, 300, 200)), (1, *_picture(1, 24, 32))]
-    data = _data(write_gallery(tmp_path, _table(), thumbs, thumb_size=160))
+    pictures = [*_thumbs([0], 300, 200), *_thumbs([1], 24, 32)]
+    data = _data(write_gallery(tmp_path, _table(), pictures, thumb_size=160))
     assert thumbnail_size(300, 200, 160) == (160, 107)
     expected = {0: (107, 160), 1: (32, 24)}  # PIL sizes are (width, height)
     for record in data["rows"]:
         assert record["size"] == list(expected[record["row"]][::-1])
-        for kind in THUMB_KINDS:
+        for kind in KINDS:
             with Image.open(tmp_path / record["thumbs"][kind]) as im:
                 assert im.format == "JPEG" and im.mode == "RGB"
                 assert im.size == expected[record["row"]]
-
-
-def test_saliency_is_normalised_per_map(tmp_path):
-    image = np.random.default_rng(1).random((16, 20, 3))
-    sal = np.random.default_rng(2).random((4, 5))
-    overlay = saliency_overlay(image, sal)
-    assert overlay.shape == (16, 20, 3) and overlay.min() >= 0.0 and overlay.max() <= 1.0
-    np.testing.assert_allclose(saliency_overlay(image, sal * 1000.0 - 7.0), overlay, atol=1e-5)
-    flat = saliency_overlay(image, np.full((4, 5), 3.0))
-    colour = np.asarray(matplotlib.colormaps[CMAP](0.0)[:3])
-    np.testing.assert_allclose(flat, (1 - ALPHA) * image + ALPHA * colour, atol=1e-6)
-    with_nan = sal.copy()
-    with_nan[0, 0] = np.nan
-    assert np.isfinite(saliency_overlay(image, with_nan)).all()
 
 
 def _filters(dest: Path, table: pd.DataFrame) -> list[str]:
@@ -207,13 +238,10 @@ def test_metrics_argument_and_its_errors(tmp_path):
     table = _table()
     data = _data(write_gallery(tmp_path, table, _thumbs([0, 1]), metrics=["insertion_auc"]))
     assert [m["name"] for m in data["metrics"]] == ["insertion_auc"]
-    # filter columns travel with the rows even when not shown
-    assert set(data["rows"][0]["values"]) == {
-        "insertion_auc",
-        "pointing_hit",
-        "deletion_auc",
-        "small_object",
-    }
+    # filter columns and the maps' key metrics travel with the rows even when not listed
+    values = set(data["rows"][0]["values"])
+    assert {"insertion_auc", "pointing_hit", "deletion_auc", "small_object"} <= values
+    assert {"gradcam_deletion_auc", "gradcam_pointing_hit", "center_deletion_auc"} <= values
     with pytest.raises(KeyError, match="nope"):
         write_gallery(tmp_path, table, _thumbs([0]), metrics=["nope"])
     with pytest.raises(KeyError, match="99"):
@@ -228,23 +256,27 @@ def test_metrics_argument_and_its_errors(tmp_path):
 
 
 class _Rows(HTMLParser):
-    """Collects data-row of every <tr class="item">, the count text and NaN cells."""
+    """Collects data-row of every <article class="item">, the count text, the value cells
+    (data-metric) and which map figures are hidden."""
 
     def __init__(self) -> None:
         super().__init__()
         self.rows: list[int] = []
         self.cells: dict[tuple[int, str], str] = {}
+        self.hidden_maps: set[tuple[int, str]] = set()
         self.count = ""
         self._where: tuple[int, str] | str | None = None
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
-        if tag == "tr" and a.get("class") == "item":
+        if tag == "article" and a.get("class") == "item":
             self.rows.append(int(a["data-row"]))
-        elif tag == "td" and "data-metric" in a:
+        elif "data-metric" in a:
             self._where = (self.rows[-1], a["data-metric"])
         elif a.get("id") == "count":
             self._where = "count"
+        elif tag == "figure" and "data-map" in a and "hidden" in a:
+            self.hidden_maps.add((self.rows[-1], a["data-map"]))
 
     def handle_endtag(self, tag):
         self._where = None
@@ -296,9 +328,8 @@ def browser_gallery(tmp_path_factory):
     table = _table()
     table.loc[1, "path"] = NASTY_PATH
     dest = tmp_path_factory.mktemp("gallery")
-    page = write_gallery(
-        dest, table, _thumbs(table.index, 96, 128), title="browser <test>", thumb_size=96
-    )
+    pictures = _thumbs(table.index, 96, 128, thumb_size=96)
+    page = write_gallery(dest, table, pictures, title="browser <test>", thumb_size=96)
     return page, table
 
 
@@ -315,6 +346,20 @@ def test_browser_sorts_by_the_hash(browser_gallery):
     assert shown.cells[(0, "pointing_hit")] == "1"
     shown = _render(page, "sort=insertion_auc&dir=asc")
     assert shown.rows == _expected(table, "insertion_auc", ascending=True)
+    assert shown.cells[(1, "gradcam_deletion_auc")] == f"{table.loc[1, 'gradcam_deletion_auc']:.3f}"
+
+
+@pytest.mark.browser
+def test_browser_sorts_by_a_difference_and_shows_chosen_columns(browser_gallery):
+    page, table = browser_gallery
+    table = table.assign(diff=table["deletion_auc"] - table["gradcam_deletion_auc"])
+    shown = _render(page, "sort=diff:gradcam:deletion_auc&dir=asc&cols=box_coverage")
+    assert shown.rows == _expected(table, "diff", ascending=True)
+    assert shown.cells[(0, "box_coverage")] == f"{table.loc[0, 'box_coverage']:.3f}"
+    # the baselines' thumbnails are hidden until asked for
+    assert (0, "center") in shown.hidden_maps and (0, "gradcam") not in shown.hidden_maps
+    shown = _render(page, "sort=row&dir=asc&baselines=1")
+    assert not shown.hidden_maps
 
 
 @pytest.mark.browser

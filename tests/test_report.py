@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.outputs import write_summary
 from pipeline.report import (
     METRICS,
     SUMMARY_COLUMNS,
@@ -17,7 +18,6 @@ from pipeline.report import (
     macro_accuracy,
     markdown_table,
     summary_table,
-    write_summary,
 )
 from pipeline.store import MaskStore
 

@@ -5,17 +5,22 @@ import sys
 import zlib
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+from pipeline.outputs import save_figure
 from pipeline.visualize import (
+    ALPHA,
+    CMAP,
     curve_auc,
     curves_figure,
+    saliency_overlay,
     saliency_panel,
-    save_figure,
+    thumbnails,
     upsample_bilinear,
 )
 
@@ -155,3 +160,32 @@ def test_curves_figure_empty_and_bad_input():
         curves_figure({"m": (np.ones(5),)})
     with pytest.raises(ValueError):
         curves_figure({"m": (np.ones(1), np.ones(5))})
+
+
+# ------------------------------------------------------------------ thumbnails
+def test_saliency_overlay_is_normalised_per_map():
+    image = np.random.default_rng(1).random((16, 20, 3))
+    sal = np.random.default_rng(2).random((4, 5))
+    overlay = saliency_overlay(image, sal)
+    assert overlay.shape == (16, 20, 3) and overlay.min() >= 0.0 and overlay.max() <= 1.0
+    np.testing.assert_allclose(saliency_overlay(image, sal * 1000.0 - 7.0), overlay, atol=1e-5)
+    flat = saliency_overlay(image, np.full((4, 5), 3.0))
+    colour = np.asarray(matplotlib.colormaps[CMAP](0.0)[:3])
+    np.testing.assert_allclose(flat, (1 - ALPHA) * image + ALPHA * colour, atol=1e-6)
+    with_nan = sal.copy()
+    with_nan[0, 0] = np.nan
+    assert np.isfinite(saliency_overlay(image, with_nan)).all()
+
+
+def test_thumbnails_of_one_image_share_a_size_and_overlay_each_map():
+    image = np.random.default_rng(3).random((30, 40, 3))
+    maps = {"method": np.eye(5), "gradcam": np.ones((3, 3))}
+    pictures = thumbnails(image, image * 0.5, maps, thumb_size=20)
+    assert list(pictures) == ["image", "perturbed", "map:method", "map:gradcam"]
+    assert {p.shape for p in pictures.values()} == {(15, 20, 3)}
+    assert all(p.dtype == np.uint8 for p in pictures.values())
+    # a constant map is drawn as the colour map's lowest colour over the image
+    base = pictures["image"].astype(np.float64) / 255.0
+    colour = np.asarray(matplotlib.colormaps[CMAP](0.0)[:3])
+    expected = np.round(255 * ((1 - ALPHA) * base + ALPHA * colour))
+    assert np.abs(pictures["map:gradcam"].astype(float) - expected).max() <= 1.0
