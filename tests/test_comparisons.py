@@ -75,9 +75,7 @@ def photos(tmp_path):
     data.mkdir()
     rng = np.random.default_rng(1)
     for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(
-            data / f"p{i}.png"
-        )
+        Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(data / f"p{i}.png")
     return data
 
 
