@@ -28,6 +28,8 @@ def make():
     return Boom()
 PYEOF
 export PYTHONPATH="$TREE:$TREE/tests:$W"
+# the kill points: tests/crashing_cli.py since issue 25, the store itself before
+KILLER=cli; [ -f "$TREE/tests/crashing_cli.py" ] && KILLER=crashing_cli
 cd "$TREE"
 mk() { $PY -c "
 import numpy as np, sys; from PIL import Image
@@ -36,11 +38,11 @@ ARGS="--model tiny_models:make_tiny_cnn --size 32 --workers 0 --quiet --iteratio
 paths() { $PY -c "import h5py,sys; f=h5py.File(sys.argv[1]); print([p.decode() for p in f['path'][:f.attrs['rows']]])" "$1"; }
 mkdir $W/d; for i in 0 1 2 3 4 5; do mk $W/d/img0$i.png $i; done
 echo "== 2a. same-count swap after a kill"
-MPBATCH_KILL_AT=after-commit:1 $PY -m cli run $W/d -o $W/o1 $ARGS >/dev/null 2>&1; echo "killed: exit $?"
+MPBATCH_KILL_AT=after-commit:1 $PY -m $KILLER run $W/d -o $W/o1 $ARGS >/dev/null 2>&1; echo "killed: exit $?"
 rm $W/d/img05.png; mk $W/d/img00a.png 9
 $PY -m cli run $W/d -o $W/o1 $ARGS 2>&1 | grep -v "^time:"; echo "exit ${PIPESTATUS[0]}"; echo -n "paths: "; paths $W/o1/masks.h5
 echo "== 2b. a changed count after a kill"
-MPBATCH_KILL_AT=after-commit:1 $PY -m cli run $W/d -o $W/o2 $ARGS >/dev/null 2>&1
+MPBATCH_KILL_AT=after-commit:1 $PY -m $KILLER run $W/d -o $W/o2 $ARGS >/dev/null 2>&1
 mk $W/d/img06.png 10
 $PY -m cli run $W/d -o $W/o2 $ARGS 2>&1 | grep -v "^time:"; echo "exit ${PIPESTATUS[0]}"; echo -n "paths: "; paths $W/o2/masks.h5
 echo "== 2c. a finished run whose folder then changes (one image swapped)"

@@ -69,21 +69,16 @@ DROPPED_DIR = "dropped"  # rows whose image left the listing, one file per resum
 STRING = h5py.string_dtype("utf-8")
 
 
-# Crash testing: MPBATCH_KILL_AT="stage:n" kills this process with SIGKILL the n-th time it
-# reaches `stage` ("part-write": journal part written but not yet renamed; "main-write":
-# main file grown but not committed; "after-commit"). Used by tests/test_resume.py only.
-_KILL_AT = os.environ.get("MPBATCH_KILL_AT", "")
-_stage_counts: dict[str, int] = {}
+# The commit protocol's stages, as they are reached: "part-write" (a journal part written
+# but not yet renamed), "main-write" (the main file grown but not committed) and
+# "after-commit". Each callable here is called with the stage's name; the kill tests
+# (tests/crashing_cli.py) add one that kills the process at a chosen stage.
+STAGE_OBSERVERS: list[Callable[[str], None]] = []
 
 
-def _crash_point(stage: str) -> None:
-    if not _KILL_AT:
-        return
-    _stage_counts[stage] = _stage_counts.get(stage, 0) + 1
-    if _KILL_AT == f"{stage}:{_stage_counts[stage]}":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
+def _reached(stage: str) -> None:
+    for observer in STAGE_OBSERVERS:
+        observer(stage)
 
 
 class _UncleanShutdown(Exception):
@@ -543,12 +538,12 @@ class MaskStore:
                 self._write_rows(name, values, start, count)
         if failures:
             self._write_failures(failures)
-        _crash_point("main-write")
+        _reached("main-write")
         self.file.attrs["rows"] = start + count
         self.file.attrs["failures"] = self.n_failures + len(failures)
         self.file.attrs["batches"] = batch
         self.file.flush()
-        _crash_point("after-commit")
+        _reached("after-commit")
 
     def _write_rows(self, name: str, values, start: int, count: int) -> None:
         if name not in self.file:
@@ -740,7 +735,7 @@ def _write_journal_file(final: Path, fill: Callable[[h5py.File], None]) -> None:
             os.fsync(handle.fileno())
     except OSError as error:
         raise OSError(error.errno, error.strerror, str(temporary)) from error
-    _crash_point("part-write")
+    _reached("part-write")
     os.replace(temporary, final)
 
 

@@ -1,7 +1,7 @@
 """Never lose a night's work: killed runs resume to the same result; signals; damage repair.
 
 Each run is a real `python -m cli run` subprocess on a tiny model, killed with SIGKILL at
-chosen points (store.py's MPBATCH_KILL_AT crash points, or whenever the journal has k
+chosen points (tests/crashing_cli.py's MPBATCH_KILL_AT stages, or whenever the journal has k
 batches), then rerun without the fault; the result must equal an uninterrupted run.
 """
 
@@ -54,7 +54,8 @@ def data(tmp_path_factory) -> Path:
 def mpbatch(*args: str, env: dict | None = None, wait: bool = True):
     environment = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     environment.update(env or {})
-    command = [sys.executable, "-m", "cli", *args]
+    # crashing_cli is `mpbatch` with the kill points of MPBATCH_KILL_AT (the test's own)
+    command = [sys.executable, "-m", "crashing_cli", *args]
     if not wait:
         return subprocess.Popen(
             command,
