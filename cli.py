@@ -63,6 +63,16 @@ def _unexpected(error: Exception) -> SystemExit:
     return SystemExit(1)
 
 
+def _tell(options: dict) -> bool:
+    """Set up what the pipeline's log shows from --quiet / --verbose (popped from
+    `options`); returns quiet."""
+    from pipeline.logs import configure
+
+    quiet, verbose = options.pop("quiet"), options.pop("verbose")
+    configure(-1 if quiet else 1 if verbose else 0)
+    return quiet
+
+
 def _apply(function, options: list):
     for option in reversed(options):
         function = option(function)
@@ -117,7 +127,12 @@ def _shared_options(function):
                 default=None,
                 help="Folder of per-image box XMLs (ILSVRC / PASCAL VOC style).",
             ),
-            click.option("--quiet", is_flag=True, help="No progress bar."),
+            click.option(
+                "--quiet", is_flag=True, help="No progress bar; warnings only (skipped images...)."
+            ),
+            click.option(
+                "--verbose", is_flag=True, help="Also per-batch timings and other details."
+            ),
         ],
     )
 
@@ -211,6 +226,9 @@ def main() -> None:
     Masks are optimised in batches on the GPU (or CPU), saved to HDF5 and tabulated with
     pandas. Start with `mpbatch run DATA -o OUT`, then `mpbatch show OUT -o FIGURES`.
     """
+    from pipeline.logs import configure
+
+    configure()
 
 
 @main.command()
@@ -313,7 +331,7 @@ def run(data, out, metrics, step, tolerance, eval_batch_size, baselines, smooth,
 
     settings = {name: options.pop(name) for name in option_flags()}
     method = options.pop("method") or method_for_preset(options["preset"])
-    quiet, compile_model = options.pop("quiet"), options.pop("compile_model")
+    quiet, compile_model = _tell(options), options.pop("compile_model")
     run_options = RunOptions(
         data=data,
         out=out,
@@ -399,7 +417,7 @@ def show(out, dest, limit, html, sort, ascending) -> None:
 @_shared_options
 @_evaluation_options
 @_user_errors
-def evaluate(source, quiet, step, tolerance, eval_batch_size, baselines, smooth, **options):
+def evaluate(source, step, tolerance, eval_batch_size, baselines, smooth, **options):
     """Score saliency maps: deletion/insertion AUCs and the pointing game.
 
     SOURCE is an mpbatch run (folder or masks.h5; its metrics are recomputed in place and
@@ -410,6 +428,7 @@ def evaluate(source, quiet, step, tolerance, eval_batch_size, baselines, smooth,
     from pipeline.evaluate import EvaluateOptions
     from pipeline.evaluate import evaluate as evaluate_maps
 
+    quiet = _tell(options)
     evaluate_options = EvaluateOptions(
         source=source,
         progress=not quiet,

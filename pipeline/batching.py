@@ -4,7 +4,7 @@ the compiled shape, and halving a batch that runs out of GPU memory."""
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +16,8 @@ from .methods import Method
 from .optimize import SpeedOptions
 from .seeding import image_seed
 from .stopping import ignore_stop_signals
+
+log = logging.getLogger(__name__)
 
 CPU_BATCH_SIZE = 8  # bench_optimize.py on 2 cores: the per-image cost is flat from 8 up
 
@@ -145,10 +147,8 @@ def halve_on_oom(work: Callable[[int, int], dict], count: int, lo: int = 0, hi: 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         middle = (lo + hi) // 2
-        print(
-            f"mpbatch: out of memory on {hi - lo} images; retrying as {middle - lo} + "
-            f"{hi - middle}",
-            file=sys.stderr,
+        log.warning(
+            "out of memory on %d images; retrying as %d + %d", hi - lo, middle - lo, hi - middle
         )
         first = halve_on_oom(work, count, lo, middle)
         second = halve_on_oom(work, count, middle, hi)

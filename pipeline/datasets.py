@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import logging
 import math
 import os
 import pkgutil
 import re
-import sys
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from .errors import MpbatchError, one_line
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -382,7 +384,7 @@ def _apply_loc_csv(root: Path, csv_path: Path, samples: list[Sample]) -> None:
         what = f"{missing:,} rows have no image" if missing > 1 else "1 row has no image"
         if missing == rows:
             what = f"none of its {rows:,} rows has an image" if rows > 1 else what
-        print(f"mpbatch: {csv_path}: {what} under {root}; ignored", file=sys.stderr)
+        log.warning("%s: %s under %s; ignored", csv_path, what, root)
 
 
 def _read_loc_csv(csv_path: Path) -> Iterator[tuple[str, str, tuple[Box, ...]]]:

@@ -7,8 +7,8 @@ Which method runs is the registry's business (pipeline.methods); this module nam
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +45,8 @@ from .scoring import check_labels, evaluate_batch, image_columns
 from .shards import all_shards_complete, merge_once, output_names
 from .stopping import Interrupted, StopRequested, StopSignals
 from .store import MaskStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -139,7 +141,7 @@ def _start(options, samples, layout, shard, masks_file, stop) -> tuple[_Job, lis
         probe = batch_probe(model, method, settings, options.size, speed, device)
         chosen = auto_batch_size(probe, options.size, device)
         options = dataclasses.replace(options, batch_size=chosen)
-        print(f"mpbatch: --batch-size auto chose {chosen}", file=sys.stderr)
+        log.info("--batch-size auto chose %d", chosen)
     record = _record(options, settings, layout, speed, device, shard, model)
     store = MaskStore.open(
         masks_file,
@@ -150,7 +152,7 @@ def _start(options, samples, layout, shard, masks_file, stop) -> tuple[_Job, lis
         fill_stored=lambda stored: upgrade_stored(stored, device),
     )
     if store.repaired:
-        print(f"mpbatch: {store.repaired}", file=sys.stderr)
+        log.warning("%s", store.repaired)
     job = _Job(options, method, settings, model, speed, samples, listing, store, {}, stop)
     return job, part
 
@@ -238,12 +240,11 @@ def _resume_by_path(store: MaskStore, listing: Listing, part: list[int], data) -
     if change or reconciled.gone or reconciled.replaced:
         moved = reconciled.gone + reconciled.replaced
         where = f" moved to {reconciled.dropped_file}" if reconciled.dropped_file else ""
-        print(
-            f"mpbatch: {data} changed since {store.path} was last written"
+        log.warning(
+            f"{data} changed since {store.path} was last written"
             + (f" ({change.describe()})" if change else "")
             + f": {moved} rows of removed or replaced images{where}; "
-            f"{len(todo)} images to explain",
-            file=sys.stderr,
+            f"{len(todo)} images to explain"
         )
     if todo:
         store.mark_incomplete()
@@ -263,7 +264,7 @@ def _run_batches(job: _Job, part: list[int], todo: list[int], tag: str) -> tuple
     """Explain, score and store the images at positions `todo`; returns (written, failed).
     Stops early, dropping the unfinished batch, when a stop signal arrives."""
     if not todo:
-        print(f"{job.store.path}: all {len(part)} images already done", file=sys.stderr)
+        log.warning("%s: all %d images already done", job.store.path, len(part))
         return 0, 0
     options = job.options
     device = next(iter(job.model.buffers())).device
@@ -282,10 +283,16 @@ def _run_batches(job: _Job, part: list[int], todo: list[int], tag: str) -> tuple
         for batch in loader(dataset, options.batch_size, options.workers, device):
             job.timings["load"] += time.perf_counter() - tick
             job.stop.check()
+            batch_started = time.perf_counter()
             written, failures = _process_batch(job, batch)
+            log.debug(
+                "%d images explained, scored and written in %.2f s",
+                written,
+                time.perf_counter() - batch_started,
+            )
             processed, failed = processed + written, failed + len(failures)
             for failure in failures:
-                bar.write(f"skipped {failure[1]}: {failure[2]}")
+                log.warning("skipped %s: %s", failure[1], failure[2])
             bar.update(len(batch["index"]))
             job.stop.check()
             tick = time.perf_counter()

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 from pathlib import Path
 
 import h5py
@@ -33,6 +33,8 @@ from .store import (
     string_array,
     write_listing,
 )
+
+log = logging.getLogger(__name__)
 
 
 def output_names(shard: Shard) -> tuple[str, str, str]:
@@ -77,7 +79,7 @@ def merge_once(out: Path) -> Path | None:
     try:
         return merge(out)
     except OutputInUse as busy:
-        print(f"mpbatch: not merging: {busy}", file=sys.stderr)
+        log.warning("not merging: %s", busy)
         return None
 
 

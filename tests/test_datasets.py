@@ -5,6 +5,7 @@ Every test builds its own tiny images in tmp_path; none needs the shared ImageNe
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -189,7 +190,11 @@ def test_loc_csv_unknown_wnid_names_file_and_wnid(tmp_path: Path) -> None:
         discover(tmp_path)
 
 
-def test_loc_csv_subset_folder_with_full_csv(tmp_path: Path, capsys) -> None:
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_loc_csv_subset_folder_with_full_csv(tmp_path: Path, caplog) -> None:
     # A few images of ImageNet val with the official csv: rows without an image are ignored,
     # with one line on stderr that counts them.
     present = {3: TENCH, 17: GOLDFISH}
@@ -206,13 +211,12 @@ def test_loc_csv_subset_folder_with_full_csv(tmp_path: Path, capsys) -> None:
         ("val/ILSVRC2012_val_00000003.JPEG", 0, (Box(0, 0, 1, 5, 4),)),
         ("val/ILSVRC2012_val_00000017.JPEG", 1, (Box(1, 0, 1, 5, 4),)),
     ]
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1
-    assert "LOC_val_solution.csv: 1,998 rows have no image under" in err
-    assert err.startswith("mpbatch: ") and err.rstrip().endswith("; ignored")
+    (warning,) = _warnings(caplog)
+    assert "LOC_val_solution.csv: 1,998 rows have no image under" in warning
+    assert warning.endswith("; ignored")
 
 
-def test_loc_csv_image_without_row_is_unlabelled(tmp_path: Path, capsys) -> None:
+def test_loc_csv_image_without_row_is_unlabelled(tmp_path: Path, caplog) -> None:
     make_image(tmp_path / "img1.JPEG")
     make_image(tmp_path / "no_row.JPEG")
     write_csv(tmp_path / "LOC_val_solution.csv", {"img1": f"{GOLDFISH} 0 0 2 2"})
@@ -222,18 +226,18 @@ def test_loc_csv_image_without_row_is_unlabelled(tmp_path: Path, capsys) -> None
     assert by_path["img1.JPEG"].label == 1
     unlabelled = by_path["no_row.JPEG"]
     assert (unlabelled.label, unlabelled.boxes) == (-1, ())  # -1: target = top-1 prediction
-    assert capsys.readouterr().err == ""  # every row has its image: nothing to report
+    assert _warnings(caplog) == []  # every row has its image: nothing to report
 
 
-def test_loc_csv_without_any_matching_image(tmp_path: Path, capsys) -> None:
+def test_loc_csv_without_any_matching_image(tmp_path: Path, caplog) -> None:
     make_image(tmp_path / "photo.png")
     write_csv(tmp_path / "LOC_val_solution.csv", {"a": f"{TENCH} 0 0 2 2", "b": ""})
     samples, _ = discover(tmp_path)
     assert [(s.path, s.label) for s in samples] == [("photo.png", -1)]
     csv_path = tmp_path / "LOC_val_solution.csv"
-    assert capsys.readouterr().err == (
-        f"mpbatch: {csv_path}: none of its 2 rows has an image under {tmp_path}; ignored\n"
-    )
+    assert _warnings(caplog) == [
+        f"{csv_path}: none of its 2 rows has an image under {tmp_path}; ignored"
+    ]
 
 
 def test_loc_csv_malformed_row_is_refused_even_without_its_image(tmp_path: Path) -> None:

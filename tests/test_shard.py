@@ -243,7 +243,7 @@ def test_extremal_shards_merged_equal_one_process(data, tmp_path) -> None:
     _assert_equal(merged, reference)
 
 
-def test_only_one_finishing_shard_merges(tmp_path, monkeypatch, capsys) -> None:
+def test_only_one_finishing_shard_merges(tmp_path, monkeypatch, caplog) -> None:
     from pipeline.outdir import hold
 
     merged = []
@@ -254,7 +254,7 @@ def test_only_one_finishing_shard_merges(tmp_path, monkeypatch, capsys) -> None:
 
     with hold(tmp_path / "masks.h5"):  # another process is merging (or writing masks.h5)
         assert shards.merge_once(tmp_path) is None
-    assert "is in use" in capsys.readouterr().err and not (tmp_path / "masks.h5").exists()
+    assert "is in use" in caplog.text and not (tmp_path / "masks.h5").exists()
 
 
 def _images(folder: Path, names: list[str], broken: tuple[str, ...] = ()) -> Path:
