@@ -1,11 +1,13 @@
-"""How many images go through together: `--batch-size auto`, padding a short last batch to
+"""Batches: the one loop of `run` and `evaluate` (decoded images apart from failures),
+how many images go through together (`--batch-size auto`), padding a short last batch to
 the compiled shape, and halving a batch that runs out of GPU memory."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,7 +16,7 @@ import torch
 from .errors import SettingsError
 from .methods import Method
 from .optimize import SpeedOptions
-from .seeding import image_seed
+from .seeding import image_seeds
 from .stopping import ignore_stop_signals
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,7 @@ def explain_padded(
     least `pad_to` images by repeating the last one; the copies' rows are dropped. A mask
     does not depend on its batch neighbours beyond floating-point order."""
     count = len(keys)
-    seeds = [image_seed(getattr(settings, "seed", 0), key) for key in keys]
+    seeds = image_seeds(getattr(settings, "seed", 0), keys)
     sizes = None if original_sizes is None else list(original_sizes)
     extra = max(0, pad_to - count)
     if extra:
@@ -170,3 +172,37 @@ def loader(dataset, batch_size: int, workers: int, device: torch.device):
         persistent_workers=False,
         worker_init_fn=ignore_stop_signals,
     )
+
+
+@dataclass
+class DecodedBatch:
+    """A loader batch split in two: the images that decoded, on the device, and the others.
+
+    images G×3×H×W in [0, 1]; positions: the listing positions of those G images; sizes:
+    their original (width, height); failures: (position, reason) of the rest; count: how
+    many images the batch held (for a progress bar).
+    """
+
+    images: torch.Tensor
+    positions: list[int]
+    sizes: list[tuple[int, int]]
+    failures: list[tuple[int, str]]
+    count: int
+
+
+def decoded_batches(
+    dataset, batch_size: int, workers: int, device: torch.device
+) -> Iterator[DecodedBatch]:
+    """The one batch loop of `run` and `evaluate`: the dataset's images in order, each batch
+    split into its decoded images (moved to `device`) and its failures."""
+    for batch in loader(dataset, batch_size, workers, device):
+        positions = batch["index"].tolist()
+        ok = batch["ok"].tolist()
+        good = [i for i, decoded in enumerate(ok) if decoded]
+        yield DecodedBatch(
+            images=batch["image"][good].to(device, non_blocking=True),
+            positions=[positions[i] for i in good],
+            sizes=[(int(batch["width"][i]), int(batch["height"][i])) for i in good],
+            failures=[(p, batch["error"][i]) for i, p in enumerate(positions) if not ok[i]],
+            count=len(positions),
+        )

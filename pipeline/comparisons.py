@@ -21,7 +21,7 @@ from .errors import SettingsError
 from .methods import comparison_names as method_comparisons
 from .methods import get_method
 from .metrics import center_points, center_saliency, random_saliency
-from .seeding import image_seed
+from .seeding import image_seeds
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def _method_comparison(name: str) -> Comparison:
 
     def maps(request: MapRequest) -> torch.Tensor:
         settings = method.resolve_settings(method.default_settings, request.model)
-        seeds = [image_seed(getattr(settings, "seed", 0), key) for key in request.keys]
+        seeds = image_seeds(getattr(settings, "seed", 0), request.keys)
         columns = method.explain(request.model, request.images, request.targets, seeds, settings)
         return method.saliency(columns, settings, tuple(request.images.shape[-2:]))
 

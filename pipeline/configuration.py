@@ -22,7 +22,7 @@ from . import __version__
 from .comparisons import comparison_names
 from .errors import SettingsError
 from .methods import DEFAULT_METHOD, get_method, method_for_preset
-from .metrics import CurveProtocol
+from .metrics import SMALL_OBJECT_COVERAGE, CurveProtocol
 from .optimize import SpeedOptions
 
 # Step images scored per forward pass when not set. On this CPU (one thread), deletion +
@@ -115,7 +115,7 @@ class EvalOptions:
                 else "the maps as given (higher = "
                 "more important), resized bilinearly to the model's input size"
             ),
-            "small_object": "target boxes cover < 25% of the image",
+            "small_object": f"target boxes cover < {SMALL_OBJECT_COVERAGE:.0%} of the image",
             "baselines": list(self.baselines),
             "random_seed": self.seed,
         }

@@ -13,15 +13,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .batching import loader
+from .batching import decoded_batches, halve_on_oom
 from .comparisons import MapRequest, comparison_maps, get_comparison
 from .configuration import EvalOptions, pick_device, versions
-from .datasets import DatasetError, ImageFolderDataset, discover
-from .methods import DEFAULT_METHOD, get_method, settings_from_config
+from .datasets import DatasetError, ImageFolderDataset, Sample, discover
 from .models import load_model
 from .outdir import hold, prepare_out
 from .outputs import write_report_csv, write_summary
-from .runfile import MASKS_FILE, REPORT_FILE, SCORES_FILE, read_columns
+from .runfile import MASKS_FILE, REPORT_FILE, SCORES_FILE, RunFile, decode_strings
 from .scoring import check_labels, evaluate_batch, image_columns
 from .store import MaskStore, StoreError, replace_columns
 
@@ -73,20 +72,25 @@ class SaliencySource:
     """Saliency maps to score: paths (relative to the data root) and N×h×w maps."""
 
     paths: list[str]
-    saliency: np.ndarray | None  # None for a baseline (made per batch) or an mpbatch run
+    saliency: np.ndarray | None  # None for a comparison (made per batch) or an mpbatch run
     targets: np.ndarray | None  # fixed targets (an mpbatch run), else chosen per batch
-    masks_file: Path | None  # an mpbatch run's file, updated in place
     config: dict
-    masks: dict | None = None  # an mpbatch run's method columns ("masks", "params", ...)
+    run: RunFile | None = None  # an mpbatch run, rescored in place
+
+    @property
+    def masks_file(self) -> Path | None:
+        return None if self.run is None else self.run.path
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """The run's mask resolution (the random baseline's grid), None for other maps."""
+        return None if self.run is None else tuple(self.run.columns["masks"].shape[-2:])
 
     def batch(self, rows: list[int], size: int, device) -> torch.Tensor | None:
-        """The maps of these rows on `device` at input size; None for a baseline. A run's
+        """The maps of these rows on `device` at input size; None for a comparison. A run's
         maps are made from its stored columns by its method, batch by batch."""
-        if self.masks is not None:
-            method = get_method(self.config.get("method") or DEFAULT_METHOD)
-            columns = {k: torch.from_numpy(v[rows]).to(device) for k, v in self.masks.items()}
-            settings = settings_from_config(self.config)
-            return method.saliency(columns, settings, (size, size), self.config.get("area"))
+        if self.run is not None:
+            return self.run.maps(rows, (size, size), device)
         if self.saliency is not None:
             return torch.from_numpy(self.saliency[rows]).to(device)
         return None
@@ -99,16 +103,33 @@ def read_saliency_source(options: EvaluateOptions) -> SaliencySource:
         if options.baseline is None:
             raise DatasetError("evaluate needs a saliency file or --baseline NAME")
         get_comparison(options.baseline)  # an unknown name fails before the model loads
-        return SaliencySource([], None, None, None, {})
+        return SaliencySource([], None, None, {})
     source = Path(source)
     source = source / MASKS_FILE if source.is_dir() else source
     if not source.exists():
         raise DatasetError(f"{source}: no such file")
     if source.suffix == ".npy":
         return _read_npy(source, options.paths_file)
+    if _is_run(source):
+        run = RunFile.open(source)
+        paths = [str(p) for p in run.columns["path"]]
+        return SaliencySource(paths, None, run.columns["target"], run.config, run)
+    with h5py.File(source, "r") as file:
+        if "saliency" not in file or "path" not in file:
+            raise DatasetError(f"{source}: needs datasets 'path' and 'saliency' (N×h×w)")
+        saliency = file["saliency"][:].astype(np.float32)
+        paths = list(decode_strings(file["path"][:]))
+    if saliency.ndim != 3 or len(paths) != saliency.shape[0]:
+        raise DatasetError(f"{source}: 'saliency' must be N×h×w with one row per path")
+    _check_finite(source, saliency, paths)
+    return SaliencySource(paths, saliency, None, {})
+
+
+def _is_run(source: Path) -> bool:
+    """Whether an HDF5 file is an mpbatch mask file (else a foreign saliency file)."""
     try:
         with h5py.File(source, "r") as file:
-            is_run = "masks" in file and "config" in file.attrs
+            return "masks" in file and "config" in file.attrs
     except OSError as error:
         if "unable to lock file" in str(error).lower():
             with hold(source):  # a live mpbatch run writes it: OutputInUse names the holder
@@ -118,22 +139,6 @@ def read_saliency_source(options: EvaluateOptions) -> SaliencySource:
                 "then rerun"
             ) from error
         raise DatasetError(f"{source}: not a readable HDF5 file ({error})") from error
-    if is_run:
-        columns, attrs = read_columns(source)
-        config = attrs["config"]
-        # the columns a method's saliency reads: the masks and, for extremal, their params
-        masks = {k: columns[k].astype(np.float32) for k in ("masks", "params") if k in columns}
-        paths = [str(p) for p in columns["path"]]
-        return SaliencySource(paths, None, columns["target"], source, config, masks)
-    with h5py.File(source, "r") as file:
-        if "saliency" not in file or "path" not in file:
-            raise DatasetError(f"{source}: needs datasets 'path' and 'saliency' (N×h×w)")
-        saliency = file["saliency"][:].astype(np.float32)
-        paths = [p.decode() if isinstance(p, bytes) else str(p) for p in file["path"][:]]
-    if saliency.ndim != 3 or len(paths) != saliency.shape[0]:
-        raise DatasetError(f"{source}: 'saliency' must be N×h×w with one row per path")
-    _check_finite(source, saliency, paths)
-    return SaliencySource(paths, saliency, None, None, {})
 
 
 def _check_finite(source: Path, saliency: np.ndarray, paths: list[str]) -> None:
@@ -158,7 +163,7 @@ def _read_npy(source: Path, paths_file: Path | None) -> SaliencySource:
             f"{paths_file}, got shape {saliency.shape}"
         )
     _check_finite(source, saliency, paths)
-    return SaliencySource(paths, saliency.astype(np.float32), None, None, {})
+    return SaliencySource(paths, saliency.astype(np.float32), None, {})
 
 
 def evaluate(options: EvaluateOptions) -> Path:
@@ -169,9 +174,24 @@ def evaluate(options: EvaluateOptions) -> Path:
     report.csv and the summary go beside the scored file.
     """
     source = read_saliency_source(options)
-    config = source.config
-    options.evaluation = options.evaluation.for_method(config.get("method"))
-    data = Path(options.data or config.get("data") or "")
+    options.evaluation = options.evaluation.for_method(source.config.get("method"))
+    data, samples, positions = _images(options, source)
+    if source.masks_file is None and options.out is None:
+        raise DatasetError("evaluate needs -o OUT for saliency maps not made by mpbatch")
+    model, record = _model_and_record(options, source, data, [samples[p] for p in positions])
+    scored_file = source.masks_file or prepare_out(options.out) / SCORES_FILE
+    with hold(scored_file):  # a live run or evaluation of the same file is refused at once
+        dataset = ImageFolderDataset(data, samples, record["size"], indices=positions)
+        scored, failures = _score_all(options, source, dataset, positions, model)
+        out = _write_scores(options, source, scored, failures, record, model)
+        write_report_csv(scored_file, out / REPORT_FILE)
+        write_summary(scored_file, out, skipped=len(failures))
+    return scored_file
+
+
+def _images(options: EvaluateOptions, source: SaliencySource):
+    """(data folder, its samples, the listing position of each map's image)."""
+    data = Path(options.data or source.config.get("data") or "")
     if not str(data):
         raise DatasetError("evaluate needs --data DATA (the images the maps belong to)")
     samples, _ = discover(
@@ -185,88 +205,48 @@ def evaluate(options: EvaluateOptions) -> Path:
     missing = [p for p in paths if p not in by_path]
     if missing:
         raise DatasetError(f"{missing[0]}: listed in {options.source} but not found in {data}")
-    positions = [by_path[p] for p in paths]
+    return data, samples, [by_path[p] for p in paths]
+
+
+def _model_and_record(options, source, data: Path, chosen: list[Sample]):
+    """The scoring model on its device, and what the scores file records of this scoring."""
+    config = source.config
     model_name = options.model or config.get("model") or "efficientnet_lite0"
     weights = options.weights if options.model else config.get("weights", options.weights)
-    size = options.size or int(config.get("size", 224))
-    device = pick_device(options.device)
-    model = load_model(model_name, weights).to(device)
+    model = load_model(model_name, weights).to(pick_device(options.device))
     if options.target == "label" and source.targets is None:
-        check_labels([samples[p] for p in positions], len(model.class_names), model_name)
+        check_labels(chosen, len(model.class_names), model_name)
     record = EvaluationRecord(
         data=str(data.resolve()),
         model=model_name,
         weights=weights,
-        size=size,
+        size=options.size or int(config.get("size", 224)),
         target="the run's" if source.targets is not None else options.target,
         source=str(options.source) if options.source else f"baseline:{options.baseline}",
         name=options.name or config.get("name") or config.get("method") or "maps",
         evaluation=options.evaluation.describe(config.get("method")),
-    ).to_config()
-    if source.masks_file is None and options.out is None:
-        raise DatasetError("evaluate needs -o OUT for saliency maps not made by mpbatch")
-    scored_file = source.masks_file or prepare_out(options.out) / SCORES_FILE
-    with hold(scored_file):  # a live run or evaluation of the same file is refused at once
-        scored, failures = _score_all(options, source, samples, positions, model, size, device)
-        out = _write_scores(options, source, scored, failures, record, model)
-        write_report_csv(scored_file, out / REPORT_FILE)
-        write_summary(scored_file, out, skipped=len(failures))
-    return scored_file
-
-
-def _score_all(options, source, samples, positions, model, size, device):
-    """Every row's columns (concatenated, ordered by row) and the undecodable images."""
-    dataset = ImageFolderDataset(
-        Path(options.data or source.config["data"]), samples, size, indices=positions
     )
+    return model, record.to_config()
+
+
+def _score_all(options, source, dataset, positions, model):
+    """Every row's columns (concatenated, ordered by row) and the undecodable images."""
+    device = next(iter(model.buffers())).device
     row_of = {p: row for row, p in enumerate(positions)}
-    grid = None if source.masks is None else tuple(source.masks["masks"].shape[-2:])
     collected: dict[str, list] = {}
     failures = []
     bar = tqdm(total=len(positions), unit="img", desc="scores", disable=not options.progress)
-    for batch in loader(dataset, options.batch_size, options.workers, device):
-        batch_positions = batch["index"].tolist()
-        ok = batch["ok"].tolist()
-        failures += [
-            (p, samples[p].path, batch["error"][i])
-            for i, p in enumerate(batch_positions)
-            if not ok[i]
-        ]
-        bar.update(len(batch_positions))
-        good = [i for i in range(len(batch_positions)) if ok[i]]
-        if not good:
+    for batch in decoded_batches(dataset, options.batch_size, options.workers, device):
+        failures += [(p, dataset.samples[p].path, reason) for p, reason in batch.failures]
+        bar.update(batch.count)
+        if not batch.positions:
             continue
-        rows = [row_of[batch_positions[i]] for i in good]
-        images = batch["image"][good].to(device)
-        sizes = [(int(batch["width"][i]), int(batch["height"][i])) for i in good]
-        chosen = [samples[positions[r]] for r in rows]
-        fixed = (
-            None if source.targets is None else torch.from_numpy(source.targets[rows]).to(device)
-        )
-        columns = image_columns(
-            model, images, chosen, [positions[r] for r in rows], sizes, options.target, fixed
-        )
-        targets = torch.from_numpy(columns["target"]).to(device)
-        saliency = source.batch(rows, size, device)
-        if saliency is None:
-            keys = [s.path for s in chosen]
-            request = MapRequest(
-                model, images, targets, keys, (size, size), options.evaluation.seed
-            )
-            saliency = comparison_maps(options.baseline, request)
-        columns.update(
-            evaluate_batch(
-                model,
-                images,
-                saliency,
-                targets,
-                chosen,
-                sizes,
-                options.evaluation,
-                baseline_size=grid,
-            )
-        )
-        columns["row"] = np.array(rows, dtype=np.int64)
+        rows = [row_of[p] for p in batch.positions]
+
+        def work(lo: int, hi: int, rows=rows, batch=batch) -> dict:
+            return _score_batch(options, source, model, dataset.samples, batch, rows[lo:hi], lo)
+
+        columns = halve_on_oom(work, len(rows))
         for key, value in columns.items():
             collected.setdefault(key, []).append(value)
     bar.close()
@@ -278,6 +258,39 @@ def _score_all(options, source, samples, positions, model, size, device):
     }
     order = np.argsort(merged.pop("row", np.zeros(0, dtype=np.int64)), kind="stable")
     return {k: v[order] for k, v in merged.items()}, failures
+
+
+def _score_batch(options, source, model, all_samples, batch, rows: list[int], lo: int) -> dict:
+    """The columns of the decoded batch's images lo.. (one per row of `rows`): the image's
+    columns and the metrics of its map and of each comparison."""
+    hi = lo + len(rows)
+    images, sizes, where = batch.images[lo:hi], batch.sizes[lo:hi], batch.positions[lo:hi]
+    samples = [all_samples[p] for p in where]
+    fixed = None
+    if source.targets is not None:
+        fixed = torch.from_numpy(source.targets[rows]).to(images.device)
+    columns = image_columns(model, images, samples, where, sizes, options.target, fixed)
+    targets = torch.from_numpy(columns["target"]).to(images.device)
+    size = tuple(images.shape[-2:])
+    saliency = source.batch(rows, size[0], images.device)
+    if saliency is None:  # a comparison scored as the maps (--baseline)
+        keys = [s.path for s in samples]
+        request = MapRequest(model, images, targets, keys, size, options.evaluation.seed)
+        saliency = comparison_maps(options.baseline, request)
+    columns.update(
+        evaluate_batch(
+            model,
+            images,
+            saliency,
+            targets,
+            samples,
+            sizes,
+            options.evaluation,
+            baseline_size=source.grid,
+        )
+    )
+    columns["row"] = np.array(rows, dtype=np.int64)
+    return columns
 
 
 def _write_scores(options, source, scored, failures, record, model) -> Path:

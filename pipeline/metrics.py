@@ -488,11 +488,17 @@ def pointing_energy(saliency: Tensor, boxes, original_sizes) -> Tensor:
     return out.to(torch.float32)
 
 
+# DESIGN.md §4's "small objects": the target's boxes cover less than this share of the image
+SMALL_OBJECT_COVERAGE = 0.25
+# TorchRay's benchmark blurs extremal masks with σ = 0.09·min(H, W) before the argmax
+TORCHRAY_POINTING_SMOOTH = 0.09
+
+
 def box_coverage(boxes, original_sizes) -> Tensor:
     """Fraction of each image's pixels inside the union of its boxes (NaN without boxes).
 
     Same pixel convention as :func:`pointing_game`. DESIGN.md §4's "small objects" subset
-    is ``box_coverage(...) < 0.25``. Returns float32 of length B on the CPU.
+    is ``box_coverage(...) < SMALL_OBJECT_COVERAGE``. Returns float32 of length B on the CPU.
     """
     sizes = [(int(wh[0]), int(wh[1])) for wh in original_sizes]
     bxs = _boxes(boxes, len(sizes))

@@ -18,11 +18,12 @@ import torch
 from tqdm import tqdm
 
 from .batching import (
+    DecodedBatch,
     auto_batch_size,
     batch_probe,
+    decoded_batches,
     explain_padded,
     halve_on_oom,
-    loader,
     padded_size,
 )
 from .configuration import (
@@ -280,7 +281,7 @@ def _run_batches(job: _Job, part: list[int], todo: list[int], tag: str) -> tuple
     processed = failed = 0
     tick = time.perf_counter()
     try:
-        for batch in loader(dataset, options.batch_size, options.workers, device):
+        for batch in decoded_batches(dataset, options.batch_size, options.workers, device):
             job.timings["load"] += time.perf_counter() - tick
             job.stop.check()
             batch_started = time.perf_counter()
@@ -293,7 +294,7 @@ def _run_batches(job: _Job, part: list[int], todo: list[int], tag: str) -> tuple
             processed, failed = processed + written, failed + len(failures)
             for failure in failures:
                 log.warning("skipped %s: %s", failure[1], failure[2])
-            bar.update(len(batch["index"]))
+            bar.update(batch.count)
             job.stop.check()
             tick = time.perf_counter()
     except StopRequested:
@@ -303,39 +304,34 @@ def _run_batches(job: _Job, part: list[int], todo: list[int], tag: str) -> tuple
     return processed, failed
 
 
-def _process_batch(job: _Job, batch: dict) -> tuple[int, list[tuple[int, str, str]]]:
-    positions = batch["index"].tolist()
-    ok = batch["ok"].tolist()
+def _process_batch(job: _Job, batch: DecodedBatch) -> tuple[int, list[tuple]]:
+    """Explain and score a batch's decoded images and append them, with its failures (and
+    each file's stamp), to the store; returns (images written, failures)."""
     listing = job.listing
     failures = [
-        (p, listing.paths[p], batch["error"][i], int(listing.sizes[p]), int(listing.mtimes[p]))
-        for i, p in enumerate(positions)
-        if not ok[i]
+        (p, listing.paths[p], reason, int(listing.sizes[p]), int(listing.mtimes[p]))
+        for p, reason in batch.failures
     ]
     if failures and job.options.on_error == "fail":
         raise DatasetError(f"{failures[0][1]}: {failures[0][2]} (--on-error fail)")
-    good = [i for i in range(len(positions)) if ok[i]]
+    where, count = batch.positions, len(batch.positions)
     columns: dict = {}
-    if good:
-        device = next(iter(job.model.buffers())).device
-        images = batch["image"][good].to(device, non_blocking=True)
-        rows = [job.samples[positions[i]] for i in good]
-        sizes = [(int(batch["width"][i]), int(batch["height"][i])) for i in good]
-        where = [positions[i] for i in good]
+    if count:
+        rows = [job.samples[p] for p in where]
 
         def work(lo: int, hi: int) -> dict:
-            whole = hi - lo == len(good)
+            images, sizes = batch.images[lo:hi], batch.sizes[lo:hi]
             return _explain_and_score(
-                job, images[lo:hi], rows[lo:hi], where[lo:hi], sizes[lo:hi], whole
+                job, images, rows[lo:hi], where[lo:hi], sizes, hi - lo == count
             )
 
-        columns = halve_on_oom(work, len(good))
+        columns = halve_on_oom(work, count)
         columns["file_size"] = listing.sizes[where]
         columns["file_mtime_ns"] = listing.mtimes[where]
     tick = time.perf_counter()
     job.store.append(columns, failures)
     job.timings["write"] += time.perf_counter() - tick
-    return len(good), failures
+    return count, failures
 
 
 def _explain_and_score(job: _Job, images, rows, positions, sizes, whole_batch: bool) -> dict:

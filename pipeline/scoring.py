@@ -12,7 +12,14 @@ from .comparisons import MapRequest, comparison_maps, get_comparison
 from .configuration import EvalOptions, eval_batch_size_for
 from .datasets import DatasetError, Sample
 from .localization import localization_columns
-from .metrics import box_coverage, pointing_hits, pointing_points, score_saliency
+from .metrics import (
+    SMALL_OBJECT_COVERAGE,
+    TORCHRAY_POINTING_SMOOTH,
+    box_coverage,
+    pointing_hits,
+    pointing_points,
+    score_saliency,
+)
 from .models import NormalizedClassifier, channels_last_on_cpu
 
 
@@ -75,11 +82,6 @@ def target_boxes(sample: Sample, target: int) -> torch.Tensor | None:
     return torch.tensor(boxes, dtype=torch.float64) if boxes else None
 
 
-# TorchRay's benchmark smoothing, reported beside the raw argmax for every map (issue 12: a
-# deletion mask's saliency is a plateau whose raw argmax is its first pixel)
-POINTING_SMOOTH = 0.09
-
-
 def _map_columns(model, images, saliency, targets, boxes, sizes, options, points=None) -> dict:
     """One map's metric columns: curves, AUCs and pointing (score_saliency), pointing raw and
     smoothed, and localization (pipeline.localization)."""
@@ -92,7 +94,9 @@ def _map_columns(model, images, saliency, targets, boxes, sizes, options, points
     # only images with boxes: the map is resized to the original size (a 12000×9000 photo
     # without boxes would cost a huge blur for a NaN)
     scored = [i for i, b in enumerate(boxes) if b is not None]
-    for suffix, smooth in (("raw", 0.0), ("smooth", POINTING_SMOOTH)):
+    # TorchRay's smoothing is reported beside the raw argmax for every map (issue 12: a
+    # deletion mask's saliency is a plateau whose raw argmax is its first pixel)
+    for suffix, smooth in (("raw", 0.0), ("smooth", TORCHRAY_POINTING_SMOOTH)):
         hits = np.full(len(boxes), np.nan, dtype=np.float32)
         if scored:
             chosen = [sizes[i] for i in scored]
@@ -141,7 +145,9 @@ def evaluate_batch(
         columns = _map_columns(model, images, saliency, targets, boxes, sizes, options)
         coverage = box_coverage(boxes, sizes).numpy()
         columns["box_coverage"] = coverage
-        columns["small_object"] = np.where(np.isnan(coverage), np.nan, coverage < 0.25)
+        columns["small_object"] = np.where(
+            np.isnan(coverage), np.nan, coverage < SMALL_OBJECT_COVERAGE
+        )
         grid = baseline_size or tuple(saliency.shape[-2:])
         request = MapRequest(model, images, targets, keys, grid, evaluation.seed)
         for name in evaluation.baselines:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 
 def image_seed(run_seed: int, key: str | int) -> int:
@@ -12,3 +13,8 @@ def image_seed(run_seed: int, key: str | int) -> int:
         raise TypeError("image keys must be strings or ints, not bool")
     digest = hashlib.sha256(f"{int(run_seed)}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def image_seeds(run_seed: int, keys: Sequence[str | int]) -> list[int]:
+    """image_seed of each key, in order."""
+    return [image_seed(run_seed, key) for key in keys]

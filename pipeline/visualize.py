@@ -7,7 +7,7 @@ thumbnails are uint8 arrays. Nothing here reads or writes a file: pipeline.outpu
 what these functions return.
 
 Inputs may be numpy arrays or torch tensors (any device; they are detached and copied to the
-CPU) without this module importing torch.
+CPU).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
+
+from .metrics import auc
 
 __all__ = [
     "curves_figure",
@@ -162,7 +164,7 @@ def curve_auc(curve: Any) -> float:
         raise ValueError("empty curve")
     if s.size == 1:
         return float(s[0])
-    return float((s.sum() - 0.5 * s[0] - 0.5 * s[-1]) / (s.size - 1))
+    return float(auc(s))
 
 
 def curves_figure(curves: Mapping[str, tuple[Any, Any]], title: str = "") -> Figure:

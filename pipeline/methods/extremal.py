@@ -22,6 +22,7 @@ from ..extremal import (
     extremal_saliency,
     render_masks,
 )
+from ..metrics import TORCHRAY_POINTING_SMOOTH
 from ..perturbations import apply_blur_pyramid, blur_pyramid
 from . import Method, register
 
@@ -38,7 +39,7 @@ class ExtremalPerturbation(Method):
     summary = "extremal perturbations (Fong, Patrick & Vedaldi 2019; TorchRay's algorithm)"
     settings_class = ExtremalSettings
     presets = EXTREMAL_PRESETS
-    pointing_smooth = 0.09  # TorchRay's benchmark: σ = 0.09·min(H, W) before the argmax
+    pointing_smooth = TORCHRAY_POINTING_SMOOTH  # TorchRay's benchmark: σ·min(H, W), argmax
     scored_map = (
         "the masks as applied, rebuilt from their grid parameters at the model's input size, "
         "summed over the areas (TorchRay's benchmark) unless --area picks one"
