@@ -469,8 +469,9 @@ def merge(out) -> None:
 @_user_errors
 def report(runs, output, names) -> None:
     """Compare the summaries of several runs side by side (one row per run and method)."""
+    from pipeline.markdown import markdown_table
     from pipeline.outputs import write_comparison
-    from pipeline.report import compare_runs, markdown_table
+    from pipeline.report import compare_runs
 
     table = compare_runs(list(runs), list(names) or None)
     click.echo(markdown_table(table))

@@ -192,18 +192,7 @@ def discover(
     Raises DatasetError for anything that would make labels or boxes wrong.
     """
     root = Path(root)
-    if ground_truth_txt is not None:
-        raise DatasetError(
-            f"{ground_truth_txt}: ILSVRC2012_validation_ground_truth.txt holds 1-based devkit "
-            "class IDs in meta.mat order, which are not the torchvision/timm class indices, and "
-            "mpbatch does not map them; use LOC_val_solution.csv (labels_csv) or class folders "
-            "(root/<wnid>/*.JPEG) instead"
-        )
-    if not root.exists():
-        raise DatasetError(f"{root}: no such directory")
-    if not root.is_dir():
-        raise DatasetError(f"{root}: not a directory")
-
+    _check_root(root, ground_truth_txt)
     paths = _find_images(root)
     if not paths:
         raise DatasetError(f"no images found in {root}")
@@ -221,16 +210,7 @@ def discover(
     csv_path = _resolve_option(labels_csv, "labels_csv")
     if csv_path is None and layout != "class_folders":
         csv_path = _find_near(LOC_CSV_NAME, root)
-    mapping_path = _resolve_option(synset_mapping, "synset_mapping")
-    if mapping_path is None and csv_path is not None:
-        mapping_path = _find_near(SYNSET_MAPPING_NAME, csv_path.parent, root)
-    if mapping_path is not None:
-        wnids, _ = read_synset_mapping(mapping_path)
-        if wnids != imagenet_wnids():
-            raise DatasetError(
-                f"{mapping_path}: wnid order differs from the sorted 1000 ImageNet wnids "
-                "(torchvision/timm class indices); labels would be wrong"
-            )
+    _check_synset_mapping(synset_mapping, csv_path, root)
     if csv_path is not None:
         _apply_loc_csv(root, csv_path, samples)
         if layout == "unlabelled":
@@ -241,6 +221,37 @@ def discover(
         _apply_xml_boxes(xml_dir, samples)
         layout = "voc_xml" if layout == "unlabelled" else f"{layout}+voc_xml"
     return samples, layout
+
+
+def _check_root(root: Path, ground_truth_txt) -> None:
+    """Refuse a folder that is not one, and the devkit's ground-truth file (wrong indices)."""
+    if ground_truth_txt is not None:
+        raise DatasetError(
+            f"{ground_truth_txt}: ILSVRC2012_validation_ground_truth.txt holds 1-based devkit "
+            "class IDs in meta.mat order, which are not the torchvision/timm class indices, and "
+            "mpbatch does not map them; use LOC_val_solution.csv (labels_csv) or class folders "
+            "(root/<wnid>/*.JPEG) instead"
+        )
+    if not root.exists():
+        raise DatasetError(f"{root}: no such directory")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a directory")
+
+
+def _check_synset_mapping(given, csv_path: Path | None, root: Path) -> None:
+    """A synset mapping (given, or found beside the csv) must list the wnids in the sorted
+    order of the torchvision/timm class indices."""
+    mapping_path = _resolve_option(given, "synset_mapping")
+    if mapping_path is None and csv_path is not None:
+        mapping_path = _find_near(SYNSET_MAPPING_NAME, csv_path.parent, root)
+    if mapping_path is None:
+        return
+    wnids, _ = read_synset_mapping(mapping_path)
+    if wnids != imagenet_wnids():
+        raise DatasetError(
+            f"{mapping_path}: wnid order differs from the sorted 1000 ImageNet wnids "
+            "(torchvision/timm class indices); labels would be wrong"
+        )
 
 
 def _list_dir(path: Path) -> list[Path]:

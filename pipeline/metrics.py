@@ -288,27 +288,36 @@ def perturbation_curves(
         rank = torch.empty_like(order).scatter_(1, order, positions)
         if mode == "deletion":
             # The substrate is one colour (1×3×1×1): broadcast it instead of gathering copies.
-            start, mean_colour = images, _norm_stats(model, images)[0]
+            start, finish = images, _norm_stats(model, images)[0]
         else:
-            start = insertion_substrate(model, images, protocol)
-
-        total = b * (n + 1)
-        scores = []
-        for lo in range(0, total, int(eval_batch_size)):
-            flat = torch.arange(lo, min(lo + int(eval_batch_size), total), device=device)
-            bi = torch.div(flat, n + 1, rounding_mode="floor")
-            ki = flat - bi * (n + 1)
-            changed = (rank[bi] < (ki * step)[:, None]).view(-1, 1, h, w)
-            finish = mean_colour if mode == "deletion" else images[bi]
-            x = torch.where(changed, finish, start[bi])
-            logits = model(x)
-            probs = torch.softmax(logits.to(out_dtype), dim=1)
-            scores.append(probs.gather(1, targets[bi][:, None])[:, 0])
-            if on_chunk is not None:
-                on_chunk()
-        curves = torch.cat(scores).view(b, n + 1)
+            start, finish = insertion_substrate(model, images, protocol), images
+        scores = _step_scores(
+            model, start, finish, rank, targets, n, step, out_dtype, eval_batch_size, on_chunk
+        )
     # A normal (non-inference) tensor, so callers may modify it in place.
-    return curves.clone()
+    return scores.view(b, n + 1).clone()
+
+
+def _step_scores(model, start, finish, rank, targets, n, step, out_dtype, chunk, on_chunk):
+    """The b·(N+1) step images' target probabilities, built and scored `chunk` at a time:
+    step k of image i shows `finish` where rank < k·step and `start` elsewhere (`finish` is
+    one colour, 1×3×1×1, or B×3×H×W)."""
+    b, _, h, w = start.shape
+    one_colour = finish.shape[0] == 1 and finish.shape[-2:] == (1, 1)
+    total = b * (n + 1)
+    scores = []
+    for lo in range(0, total, int(chunk)):
+        flat = torch.arange(lo, min(lo + int(chunk), total), device=start.device)
+        bi = torch.div(flat, n + 1, rounding_mode="floor")
+        ki = flat - bi * (n + 1)
+        changed = (rank[bi] < (ki * step)[:, None]).view(-1, 1, h, w)
+        shown = finish if one_colour else finish[bi]
+        x = torch.where(changed, shown, start[bi])
+        probs = torch.softmax(model(x).to(out_dtype), dim=1)
+        scores.append(probs.gather(1, targets[bi][:, None])[:, 0])
+        if on_chunk is not None:
+            on_chunk()
+    return torch.cat(scores)
 
 
 def auc(curves: Tensor) -> Tensor:

@@ -26,13 +26,12 @@ from .comparisons import MapRequest, comparison_maps, comparison_names, get_comp
 from .datasets import decode_image, resize_image
 from .errors import SettingsError
 from .gallery import GalleryMap, gallery_data, render_page
+from .markdown import markdown_header, markdown_table
 from .methods import DEFAULT_METHOD, declared_columns, get_method, settings_from_config
 from .models import load_model
 from .report import (
     SUMMARY_CSV,
     localization_curves,
-    markdown_header,
-    markdown_table,
     mean_curves,
     per_image_table,
     summary_table,

@@ -21,7 +21,8 @@ from .runfile import (
     FAILURES_FILE,
     MASKS_FILE,
     REPORT_FILE,
-    read_columns,
+    RunFile,
+    read_attrs,
     read_failures,
     read_listing,
 )
@@ -61,9 +62,8 @@ def all_shards_complete(out: Path, world: int) -> bool:
         return False
     for path in files.values():
         try:
-            with h5py.File(path, "r") as file:
-                if not file.attrs.get("complete", False):
-                    return False
+            if not read_attrs(path).get("complete", False):
+                return False
         except OSError:
             return False
     return True
@@ -103,8 +103,7 @@ def merge(out: str | Path) -> Path:
         merge_files(shards, merged, compare_keys=RunRecord.merge_keys())
         write_report_csv(merged, out / REPORT_FILE)
         failures = write_failures_csv(merged, out / FAILURES_FILE)
-        _, attrs = read_columns(merged)
-        if attrs["config"].get("evaluation") is not None:
+        if read_attrs(merged)["config"].get("evaluation") is not None:
             write_summary(merged, out, skipped=len(failures))
     return merged
 
@@ -125,60 +124,69 @@ def merge_files(shards: list[Path], dest: str | Path, compare_keys: list[str] | 
     Raises StoreError naming any shard that is incomplete, made with other settings, or made
     from another listing of the images (naming the first images that differ).
     """
-    dest = Path(dest)
-    configs, columns_list, failures, rows, extra = [], [], [], 0, {}
-    totals, listings = [], []
-    for shard in shards:
-        try:
-            with h5py.File(shard, "r") as file:
-                complete = bool(file.attrs.get("complete", False))
-                config = json.loads(file.attrs["config"])
-                versions = file.attrs["versions"]
-                for key in ("class_names", "protocol"):
-                    if key in file.attrs:
-                        extra.setdefault(key, file.attrs[key])
-                totals.append(json.loads(file.attrs.get("timings_total", "{}")))
-        except (OSError, KeyError) as error:
-            raise StoreError(f"{shard}: cannot be read ({one_line(error)})") from error
-        if not complete:
-            raise StoreError(f"{shard} is not complete: rerun its shard to finish it")
-        configs.append(config)
-        listings.append(read_listing(shard))
-        columns, _ = read_columns(shard)
-        columns_list.append(columns)
-        failures += read_failures(shard, stamps=True)
-        rows += len(columns.get("path", []))
-    keys = compare_keys or sorted(set(configs[0]) - {"shard"})
-    for shard, config in zip(shards[1:], configs[1:], strict=True):
-        changed = [k for k in keys if config.get(k) != configs[0].get(k)]
+    runs = [_complete_shard(shard) for shard in shards]
+    keys = compare_keys or sorted(set(runs[0].config) - {"shard"})
+    for shard, run in zip(shards[1:], runs[1:], strict=True):
+        changed = [k for k in keys if run.config.get(k) != runs[0].config.get(k)]
         if changed:
             raise StoreError(f"{shard} was made with other settings than {shards[0]}: {changed}")
+    listings = [read_listing(shard) for shard in shards]
     _check_same_listing(shards, listings)
-    config = {k: v for k, v in configs[0].items() if k != "shard"}
-    joined = _joined_columns(columns_list)
-    order = np.argsort(joined["index"], kind="stable") if "index" in joined else None
-    failures.sort(key=lambda f: f[0])
+    failures = sorted(
+        (f for shard in shards for f in read_failures(shard, stamps=True)), key=lambda f: f[0]
+    )
+    joined = _joined_columns([run.columns for run in runs])
+    if "index" in joined:
+        order = np.argsort(joined["index"], kind="stable")
+        joined = {name: values[order] for name, values in joined.items()}
+    _write_merged(Path(dest), runs, joined, failures, listings[0], [Path(s).name for s in shards])
+    return sum(run.rows for run in runs)
+
+
+def _complete_shard(shard: Path) -> RunFile:
+    """A shard file read whole; StoreError when it cannot be read or is not complete."""
+    try:
+        run = RunFile.open(shard)
+        run.attrs["config"], run.attrs["versions"]  # noqa: B018 (both must be there)
+    except (OSError, KeyError, ValueError) as error:
+        raise StoreError(f"{shard}: cannot be read ({one_line(error)})") from error
+    if not run.attrs.get("complete", False):
+        raise StoreError(f"{shard} is not complete: rerun its shard to finish it")
+    return run
+
+
+def _encoded(value):
+    """An attribute as the store writes it: JSON unless a plain number or string."""
+    return value if isinstance(value, (int, float, str)) else json.dumps(value, sort_keys=True)
+
+
+def _write_merged(dest: Path, runs, joined, failures, listing, names) -> None:
+    """Write the merged file under a temporary name, then rename it to `dest`."""
+    first = runs[0].attrs
     temporary = dest.with_name(f".{dest.name}.merging")
     with h5py.File(temporary, "w") as file:
         file.attrs["format"] = FORMAT
+        config = {k: v for k, v in first["config"].items() if k != "shard"}
         file.attrs["config"] = json.dumps(config, sort_keys=True)
-        file.attrs["versions"] = versions
-        file.attrs["rows"] = rows
+        file.attrs["versions"] = _encoded(first["versions"])
+        file.attrs["rows"] = sum(run.rows for run in runs)
         file.attrs["failures"] = len(failures)
         file.attrs["complete"] = True
-        file.attrs["merged_from"] = json.dumps([Path(s).name for s in shards])
-        for key, value in extra.items():
-            file.attrs[key] = value
+        file.attrs["merged_from"] = json.dumps(names)
+        for key in ("class_names", "protocol"):
+            found = [run.attrs[key] for run in runs if key in run.attrs]
+            if found:
+                file.attrs[key] = _encoded(found[0])
+        totals = [run.attrs.get("timings_total", {}) for run in runs]
         if any(totals):
             file.attrs["timings_total"] = json.dumps(sum_timings(totals))
         for name, values in joined.items():
-            create_column(file, name, values if order is None else values[order])
+            create_column(file, name, values)
         create_failures(file, failures)
-        if listings[0] is not None:
-            write_listing(file, listings[0])
-            file.attrs["listing_sha256"] = listings[0].digest()
+        if listing is not None:
+            write_listing(file, listing)
+            file.attrs["listing_sha256"] = listing.digest()
     os.replace(temporary, dest)
-    return rows
 
 
 def _check_same_listing(shards: list[Path], listings: list[Listing | None]) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.markdown import markdown_table
 from pipeline.outputs import write_summary
 from pipeline.report import (
     METRICS,
@@ -16,7 +17,6 @@ from pipeline.report import (
     bootstrap_ci,
     compare_runs,
     macro_accuracy,
-    markdown_table,
     summary_table,
 )
 from pipeline.store import MaskStore
