@@ -368,28 +368,16 @@ def extremal_masks(
     """
     settings = settings or ExtremalSettings()
     _check_inputs(images, targets, seeds)
-    batch, _, height, width = images.shape
-    device = images.device
-    num_areas = len(settings.areas)
-    count = batch * num_areas
-
-    network, inputs, fill = _normalised_space(model, images.float())
-    pyramid = blur_pyramid(inputs, settings.max_blur_sigma, settings.pyramid_levels, fill=fill)
-    generator = MaskGenerator(
-        (height, width),
-        settings.step,
-        settings.sigma,
-        settings.temperature,
-        device,
-        settings.margin,
-    )
-    image_index = torch.arange(batch, device=device).repeat_interleave(num_areas)
-    mask_targets = targets.to(device).repeat_interleave(num_areas)
+    batch = images.shape[0]
+    count = batch * len(settings.areas)
+    network, pyramid, generator = _problem(model, images, settings)
+    image_index = torch.arange(batch, device=images.device).repeat_interleave(len(settings.areas))
+    mask_targets = targets.to(images.device).repeat_interleave(len(settings.areas))
     pixels = generator.extended[0] * generator.extended[1]
-    references = area_references(settings.areas, pixels, device).repeat(batch, 1)
+    references = area_references(settings.areas, pixels, images.device).repeat(batch, 1)
     model_targets = mask_targets if settings.variant != "dual" else mask_targets.repeat(2)
 
-    params = torch.ones(count, *generator.grid, device=device, requires_grad=True)
+    params = torch.ones(count, *generator.grid, device=images.device, requires_grad=True)
     optimizer = torch.optim.SGD(
         [params], lr=settings.lr, momentum=settings.momentum, dampening=settings.dampening
     )
@@ -418,6 +406,22 @@ def extremal_masks(
             extended = generator(params.detach())
         last = (params.detach().clone(), generator.crop(extended), extended)
     return _result(network, pyramid, image_index, mask_targets, references, last, settings, batch)
+
+
+def _problem(model: torch.nn.Module, images: torch.Tensor, settings: ExtremalSettings):
+    """The network on normalised inputs, the blur pyramid of the images in that space, and
+    the mask generator at the images' size."""
+    network, inputs, fill = _normalised_space(model, images.float())
+    pyramid = blur_pyramid(inputs, settings.max_blur_sigma, settings.pyramid_levels, fill=fill)
+    generator = MaskGenerator(
+        tuple(images.shape[-2:]),
+        settings.step,
+        settings.sigma,
+        settings.temperature,
+        images.device,
+        settings.margin,
+    )
+    return network, pyramid, generator
 
 
 def _normalised_space(model: torch.nn.Module, images: torch.Tensor):

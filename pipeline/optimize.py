@@ -739,11 +739,7 @@ def optimize_masks(
     forward = _prepare_model(model, speed, device)
     # CUDA graph replays reuse their output memory: tell torch where an iteration begins.
     mark_step = speed.cuda_graphs and device.type == "cuda"
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if speed.precision == "bf16"
-        else nullcontext()
-    )
+    autocast = _autocast(speed, device)
     masks = initial_masks(settings, generators, device).requires_grad_(True)
     optimizer = _make_adam(masks, settings.lr, speed.adam)
     per_image_loss = torch.zeros(batch, device=device)
@@ -766,10 +762,23 @@ def optimize_masks(
             on_iteration(iteration)
 
     final = masks.detach()
+    prob_masked = _final_probs(model, scene, final, targets, settings, speed)
+    return MaskResult(masks=final.clone(), loss=per_image_loss.detach(), prob_masked=prob_masked)
+
+
+def _autocast(speed: SpeedOptions, device: torch.device):
+    """bf16 autocast on `device` when the speed options ask for it, else a no-op context."""
+    if speed.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _final_probs(model, scene, final, targets, settings, speed) -> torch.Tensor:
+    """The target's probability on the image perturbed by the final masks, no noise."""
+    size = tuple(scene.images.shape[-2:])
     with torch.inference_mode():
         # the applied mask in float32 (outside autocast): what the metrics will score
-        applied = applied_masks(final[:, 0], (height, width), settings)[:, None]
+        applied = applied_masks(final[:, 0], size, settings)[:, None]
         final_images = _to_model_format(scene.composite(applied), speed)
-        with autocast:
-            prob_masked = _target_probs(model, final_images, targets)  # no compile for one call
-    return MaskResult(masks=final.clone(), loss=per_image_loss.detach(), prob_masked=prob_masked)
+        with _autocast(speed, final.device):
+            return _target_probs(model, final_images, targets)  # no compile for one call
