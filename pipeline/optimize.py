@@ -603,7 +603,7 @@ def _make_scene(images, settings, seeds, substrate, mean_colour, original_sizes)
     return _Scene(images, substrate, pyramid, canvas)
 
 
-def _draw_offsets(generators, settings: MaskSettings, device) -> torch.Tensor | None:
+def jitter_offsets(generators, settings: MaskSettings, device) -> torch.Tensor | None:
     """B×2 long jitter draws, one pair per image from its own generator: (dy, dx) in
     [−j, j] for "shift", (j1, j2) in [0, j) for "crop" (numpy's randint(j)); None if off."""
     if settings.jitter <= 0:
@@ -615,7 +615,7 @@ def _draw_offsets(generators, settings: MaskSettings, device) -> torch.Tensor | 
     return torch.stack(draws)
 
 
-def _mask_losses(masks: torch.Tensor, settings: MaskSettings) -> torch.Tensor:
+def mask_losses(masks: torch.Tensor, settings: MaskSettings) -> torch.Tensor:
     """l1 · area + tv · TV_β(m), per image. masks B×1×h×w -> B.
 
     The area is what the game pays for: the deleted part |1 − m| in the deletion game, the
@@ -687,7 +687,7 @@ def _perturbed_inputs(
 
     One noise buffer is refilled in place, image by image (normal_ on a contiguous 3×H×W
     slice draws exactly what torch.randn(3, H, W) would)."""
-    offsets = _draw_offsets(generators, settings, applied.device)
+    offsets = jitter_offsets(generators, settings, applied.device)
     if offsets is not None and settings.jitter_mode == "crop":
         perturbed = scene.composite(applied, offsets)
     else:
@@ -752,7 +752,7 @@ def optimize_masks(
         perturbed = _perturbed_inputs(scene, applied, settings, generators, noise, noise_scale)
         with autocast:
             probs = _target_probs(forward, _to_model_format(perturbed, speed), targets)
-        per_image_loss = _mask_losses(masks, settings) + sign * probs
+        per_image_loss = mask_losses(masks, settings) + sign * probs
         optimizer.zero_grad(set_to_none=True)
         per_image_loss.sum().backward()
         optimizer.step()

@@ -208,9 +208,9 @@ def test_paper_regularisers_by_hand() -> None:
     assert _released_tv(mask[0, 0].double().numpy(), 3.0)[0] == pytest.approx(tv_sum)
     # the whole regulariser: paper 1e-4 · Σ|1 − m| (six zeros) + 1e-2 · TV, summed;
     # seed 0.01 · mean|1 − m| + 0.2 · (anisotropic mean TV)
-    paper = optimize._mask_losses(mask, PRESETS["paper"]).item()
+    paper = optimize.mask_losses(mask, PRESETS["paper"]).item()
     assert paper == pytest.approx(1e-4 * 6 + 1e-2 * tv_sum, rel=1e-6)
-    seed = optimize._mask_losses(mask, PRESETS["seed"]).item()
+    seed = optimize.mask_losses(mask, PRESETS["seed"]).item()
     assert seed == pytest.approx(0.01 * 6 / 9 + 0.2 * 1.0, rel=1e-6)
 
 
@@ -319,10 +319,10 @@ def test_crop_windows_and_jitter_draws() -> None:
     assert torch.equal(windows[0, 0], canvas[0, 0, 0:4, 3:6])
     assert torch.equal(windows[1, 0], canvas[1, 0, 2:6, 1:4])
     generators = [torch.Generator().manual_seed(i) for i in range(200)]
-    crop = optimize._draw_offsets(generators, PRESETS["paper"], torch.device("cpu"))
+    crop = optimize.jitter_offsets(generators, PRESETS["paper"], torch.device("cpu"))
     assert (crop.min().item(), crop.max().item()) == (0, 3)  # numpy's randint(4): never 4
     shift = PRESETS["paper"].replace(jitter_mode="shift")
-    shifts = optimize._draw_offsets(generators, shift, torch.device("cpu"))
+    shifts = optimize.jitter_offsets(generators, shift, torch.device("cpu"))
     assert (shifts.min().item(), shifts.max().item()) == (-4, 4)
 
 
