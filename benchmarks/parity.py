@@ -33,8 +33,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline.datasets import decode_image, discover, resize_image
+from pipeline.datasets import discover
 from pipeline.extremal import ExtremalSettings, extremal_masks, extremal_saliency
+from pipeline.images import decode_image, resize_image
 from pipeline.metrics import CurveProtocol, pointing_points, score_saliency
 from pipeline.models import load_model
 

@@ -16,7 +16,8 @@ from tqdm import tqdm
 from .batching import decoded_batches, halve_on_oom
 from .comparisons import MapRequest, comparison_maps, get_comparison
 from .configuration import EvalOptions, pick_device, versions
-from .datasets import DatasetError, ImageFolderDataset, Sample, discover
+from .datasets import DatasetError, Sample, discover
+from .images import ImageFolderDataset
 from .models import load_model
 from .outdir import hold, prepare_out
 from .outputs import write_report_csv, write_summary

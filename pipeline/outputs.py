@@ -23,9 +23,9 @@ from PIL import Image
 
 from .columns import METHOD_ROW, Column
 from .comparisons import MapRequest, comparison_maps, comparison_names, get_comparison
-from .datasets import decode_image, resize_image
 from .errors import SettingsError
 from .gallery import GalleryMap, gallery_data, render_page
+from .images import decode_image, resize_image
 from .markdown import markdown_header, markdown_table
 from .methods import DEFAULT_METHOD, declared_columns, get_method, settings_from_config
 from .models import load_model

@@ -34,8 +34,9 @@ from .configuration import (
     upgrade_stored,
     versions,
 )
-from .datasets import DatasetError, ImageFolderDataset, Sample, Shard, discover, resolve_shard
+from .datasets import DatasetError, Sample, discover
 from .errors import MpbatchError, SettingsError
+from .images import ImageFolderDataset
 from .listing import Listing, compare, shard_positions
 from .methods import Method, get_method
 from .models import NormalizedClassifier, load_model
@@ -43,7 +44,7 @@ from .optimize import SpeedOptions
 from .outdir import hold, prepare_out
 from .outputs import write_run_reports, write_summary
 from .scoring import check_labels, evaluate_batch, image_columns
-from .shards import all_shards_complete, merge_once, output_names
+from .shards import Shard, all_shards_complete, merge_once, output_names, resolve_shard
 from .stopping import Interrupted, StopRequested, StopSignals
 from .store import MaskStore
 

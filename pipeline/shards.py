@@ -1,18 +1,21 @@
-"""Shards of a run: their file names, when all are complete, and joining them into one file
-(rows in listing order; refused when the shards disagree on settings or on the listing)."""
+"""Shards of a run: which shard this process runs (`--shard I/N` or the launcher's
+environment), their file names, when all are complete, and joining them into one file (rows
+in listing order; refused when the shards disagree on settings or on the listing)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from .configuration import RunRecord
-from .datasets import Shard
+from .datasets import DatasetError
 from .errors import one_line
 from .listing import Listing, compare
 from .outdir import OutputInUse, hold
@@ -36,6 +39,77 @@ from .store import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a run: shard `rank` of `world`, on GPU `local_rank`."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    source: str = "single process"
+
+    @property
+    def tag(self) -> str:
+        """File-name tag, e.g. "00003-of-00008"."""
+        return f"{self.rank:05d}-of-{self.world:05d}"
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int | None:
+    value = env.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise DatasetError(f"environment variable {name}={value!r} is not an integer") from exc
+
+
+def resolve_shard(spec: str | None, env: Mapping[str, str]) -> Shard:
+    """Which shard this process runs, from `--shard I/N` or the launcher's environment.
+
+    Order: an explicit "I/N"; else the rank inside one job step (torchrun's RANK/WORLD_SIZE,
+    or srun's SLURM_PROCID/SLURM_NTASKS), combined with the SLURM job-array index
+    (SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT) when present:
+    global rank = array_index × ranks_per_task + rank. LOCAL_RANK (or SLURM_LOCALID) picks
+    the GPU.
+    """
+    local_rank = _env_int(env, "LOCAL_RANK")
+    if local_rank is None:
+        local_rank = _env_int(env, "SLURM_LOCALID") or 0
+    if spec:
+        try:
+            rank_text, world_text = spec.split("/")
+            rank, world = int(rank_text), int(world_text)
+        except ValueError as exc:
+            raise DatasetError(f"--shard {spec!r}: expected I/N, e.g. 0/4") from exc
+        if world < 1 or not 0 <= rank < world:
+            raise DatasetError(f"--shard {spec!r}: need 0 <= I < N")
+        return Shard(rank, world, local_rank, "--shard")
+
+    rank, world, source = 0, 1, "single process"
+    if _env_int(env, "WORLD_SIZE") is not None:
+        rank, world, source = _env_int(env, "RANK") or 0, _env_int(env, "WORLD_SIZE"), "torchrun"
+    elif _env_int(env, "SLURM_NTASKS") is not None and _env_int(env, "SLURM_PROCID") is not None:
+        rank, world, source = _env_int(env, "SLURM_PROCID"), _env_int(env, "SLURM_NTASKS"), "srun"
+    task_id = _env_int(env, "SLURM_ARRAY_TASK_ID")
+    if task_id is not None:
+        count = _env_int(env, "SLURM_ARRAY_TASK_COUNT")
+        if count is None:
+            raise DatasetError("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not")
+        first = _env_int(env, "SLURM_ARRAY_TASK_MIN") or 0
+        index = task_id - first
+        if not 0 <= index < count:
+            raise DatasetError(
+                f"SLURM array task {task_id} is outside {first}..{first + count - 1}: "
+                "use a contiguous --array range"
+            )
+        rank, world = index * world + rank, count * world
+        source = f"SLURM array ({source})" if source != "single process" else "SLURM array"
+    if world < 1 or not 0 <= rank < world:
+        raise DatasetError(f"invalid shard from the environment ({source}): rank {rank} of {world}")
+    return Shard(rank, world, local_rank, source)
 
 
 def output_names(shard: Shard) -> tuple[str, str, str]:

@@ -397,7 +397,7 @@ PHOTO_CLASSES = {
 
 
 def test_lite0_recognises_example_photos(lite0):
-    from pipeline.datasets import decode_image, resize_image
+    from pipeline.images import decode_image, resize_image
 
     folder = Path(__file__).resolve().parents[1] / "examples" / "val"
     names = sorted(PHOTO_CLASSES)

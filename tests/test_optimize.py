@@ -555,7 +555,7 @@ def test_default_model_masks_across_batch_sizes_agree_up_to_float_order() -> Non
     which the optimisation amplifies (the issue measured max |Δ| 0.43, r ≥ 0.995 at 6)."""
     from pathlib import Path
 
-    from pipeline.datasets import decode_image, resize_image
+    from pipeline.images import decode_image, resize_image
     from pipeline.models import load_model
 
     folder = Path(__file__).resolve().parents[1] / "examples" / "val"

@@ -16,9 +16,10 @@ from tiny_models import TINY_OPTIONS
 
 import pipeline.shards as shards
 from cli import main
-from pipeline.datasets import DatasetError, resolve_shard
+from pipeline.datasets import DatasetError
 from pipeline.listing import shard_of, shard_positions
 from pipeline.runfile import read_columns
+from pipeline.shards import resolve_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [
