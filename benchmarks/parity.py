@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from pipeline.datasets import discover
 from pipeline.extremal import ExtremalSettings, extremal_masks, extremal_saliency
 from pipeline.images import decode_image, resize_image
-from pipeline.metrics import CurveProtocol, pointing_points, score_saliency
+from pipeline.metrics import CurveProtocol, score_saliency
 from pipeline.models import load_model
+from pipeline.pointing import pointing_points
 
 RESULTS = Path(__file__).parent / "results"
 

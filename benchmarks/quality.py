@@ -68,7 +68,7 @@ def is_small_object(data: Path, sample) -> bool:
     """DESIGN §4's small-object subset: the label's boxes cover < 25% of the photo."""
     from PIL import Image
 
-    from pipeline.metrics import box_coverage
+    from pipeline.pointing import box_coverage
     from pipeline.scoring import target_boxes
 
     boxes = target_boxes(sample, sample.label)

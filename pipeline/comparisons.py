@@ -20,7 +20,8 @@ import torch
 from .errors import SettingsError
 from .methods import comparison_names as method_comparisons
 from .methods import get_method
-from .metrics import center_points, center_saliency, random_saliency
+from .metrics import center_saliency, random_saliency
+from .pointing import center_points
 from .seeding import image_seeds
 
 

@@ -22,8 +22,9 @@ from . import __version__
 from .comparisons import comparison_names
 from .errors import SettingsError
 from .methods import DEFAULT_METHOD, get_method, method_for_preset
-from .metrics import SMALL_OBJECT_COVERAGE, CurveProtocol
+from .metrics import CurveProtocol
 from .optimize import SpeedOptions
+from .pointing import SMALL_OBJECT_COVERAGE
 
 # Step images scored per forward pass when not set. On this CPU (one thread), deletion +
 # insertion curves of EfficientNet-Lite0 took 15.0 s at eval batch 1, 17.5 s at 2, 21.6 s

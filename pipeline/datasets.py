@@ -47,7 +47,7 @@ class DatasetError(MpbatchError):
 class Box:
     """A bounding box in pixels of the original image, with its class index (0..999).
 
-    Coordinates are mpbatch's internal convention, the one `metrics.pointing_hits` expects:
+    Coordinates are mpbatch's internal convention, the one `pointing.pointing_hits` expects:
     0-based pixel indices, inclusive on both ends (pixel column x is inside when
     xmin <= x <= xmax). Sources in another convention are converted when read (see
     `parse_voc_xml`). `difficult` is PASCAL VOC's <difficult> flag (False elsewhere).

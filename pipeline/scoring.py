@@ -12,15 +12,15 @@ from .comparisons import MapRequest, comparison_maps, get_comparison
 from .configuration import EvalOptions, eval_batch_size_for
 from .datasets import DatasetError, Sample
 from .localization import localization_columns
-from .metrics import (
+from .metrics import score_saliency
+from .models import NormalizedClassifier, channels_last_on_cpu
+from .pointing import (
     SMALL_OBJECT_COVERAGE,
     TORCHRAY_POINTING_SMOOTH,
     box_coverage,
     pointing_hits,
     pointing_points,
-    score_saliency,
 )
-from .models import NormalizedClassifier, channels_last_on_cpu
 
 
 def check_labels(samples: list[Sample], num_classes: int, model_name: str) -> None:

@@ -24,7 +24,8 @@ from pipeline.comparisons import (
     unregister,
 )
 from pipeline.errors import SettingsError
-from pipeline.metrics import center_points, center_saliency, random_saliency
+from pipeline.metrics import center_saliency, random_saliency
+from pipeline.pointing import center_points
 
 
 def _request(batch: int = 2, size: int = 16) -> MapRequest:

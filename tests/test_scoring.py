@@ -10,9 +10,9 @@ from tiny_models import TinyCNN
 from pipeline.configuration import CPU_EVAL_BATCH_SIZE, EvalOptions, eval_batch_size_for
 from pipeline.datasets import Box, Sample
 from pipeline.localization import RULES, localization_hit
-from pipeline.metrics import pointing_hits, pointing_points
 from pipeline.models import NormalizedClassifier
-from pipeline.scoring import POINTING_SMOOTH, evaluate_batch
+from pipeline.pointing import TORCHRAY_POINTING_SMOOTH, pointing_hits, pointing_points
+from pipeline.scoring import evaluate_batch
 
 
 def _tiny() -> NormalizedClassifier:
@@ -47,7 +47,7 @@ def test_every_map_gets_curves_pointing_and_localization() -> None:
         assert columns[f"loc_curve_{rule}"].shape[0] == 3
     np.testing.assert_array_equal(columns["loc_hit"], columns["loc_hit_energy"])
     assert columns["loc_hit_energy"][0] == 1.0  # the blob is the box of class 1
-    for suffix, smooth in (("raw", 0.0), ("smooth", POINTING_SMOOTH)):
+    for suffix, smooth in (("raw", 0.0), ("smooth", TORCHRAY_POINTING_SMOOTH)):
         points = pointing_points(saliency, sizes, smooth)
         expected = pointing_hits(points, boxes, tolerance=15.0).numpy()
         np.testing.assert_array_equal(columns[f"pointing_hit_{suffix}"], expected)

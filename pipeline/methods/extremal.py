@@ -22,8 +22,8 @@ from ..extremal import (
     extremal_saliency,
     render_masks,
 )
-from ..metrics import TORCHRAY_POINTING_SMOOTH
 from ..perturbations import apply_blur_pyramid, blur_pyramid
+from ..pointing import TORCHRAY_POINTING_SMOOTH
 from . import Method, register
 
 
