@@ -224,14 +224,15 @@ def write_gallery_page(
 
 
 def gallery_maps(run: RunFile) -> list[GalleryMap]:
-    """The run's map, then each registered comparison it was scored beside."""
+    """The run's map, then each registered comparison it was scored beside: those shown by
+    default (Grad-CAM) before the baselines hidden until asked for."""
     method = get_method(run.config.get("method") or DEFAULT_METHOD)
     maps = [GalleryMap(METHOD_ROW, run.config.get("name") or method.label or method.name)]
     for name in comparison_names():
         if f"{name}_deletion_auc" in run.columns or f"{name}_pointing_hit" in run.columns:
             comparison = get_comparison(name)
             maps.append(GalleryMap(name, comparison.label, comparison.optional))
-    return maps
+    return sorted(maps, key=lambda m: m.optional)
 
 
 def _gallery_pictures(run: RunFile, rows: Sequence[int], maps, thumb_size: int):
