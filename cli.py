@@ -2,6 +2,9 @@
 
 Which methods, presets and method settings exist is the registry's (pipeline.methods): the
 options are built from it, so this file names no method.
+
+Longer than 300 lines: almost all of it is option declarations and their help text; each
+command's body is a few lines that call one pipeline function.
 """
 
 from __future__ import annotations

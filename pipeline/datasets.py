@@ -1,13 +1,14 @@
-"""Dataset layouts, ImageNet labels and boxes, image decoding, the Dataset, and sharding.
+"""Dataset layouts, ImageNet labels and boxes.
 
 `discover` turns a folder into a sorted list of `Sample` records (relative path, class index,
-boxes in original-image pixels). `ImageFolderDataset` decodes and resizes them in DataLoader
-workers and reports a bad file as a failed item instead of raising, so one broken image never
-stops a run. `resolve_shard` says which shard of a multi-GPU or array job this process runs
-(`listing.shard_positions` says which images are that shard's).
+boxes in original-image pixels): class folders, the LOC csv of ImageNet's validation set,
+box XMLs (ILSVRC / PASCAL VOC), or unlabelled. Decoding the images is pipeline.images'.
 
 Class indices are always the torchvision/timm ones: the position of a wnid in the sorted list
 of the 1000 ImageNet-1k wnids.
+
+Longer than 300 lines: each layout's parser refuses what would make a label or a box wrong,
+with a one-line reason naming the file; those checks are most of the module.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """`mpbatch evaluate`: score saliency maps that exist already: an mpbatch run (rescored in
-place), a foreign HDF5 or .npy file of maps, or a baseline alone."""
+place), a foreign HDF5 or .npy file of maps, or a baseline alone.
+
+Slightly over 300 lines: three kinds of source (a run, a foreign file, a comparison) are
+read and checked here before the shared batch loop scores them.
+"""
 
 from __future__ import annotations
 

@@ -36,6 +36,9 @@ with optimize.py.
 
 Where this differs from TorchRay on purpose: the contrastive reward masks the target with −∞
 where TorchRay writes −100 (the same unless every other logit is below −100).
+
+Longer than 300 lines: the mask generator, the area loss and the loop are TorchRay's one
+algorithm, kept together so that each can be checked line by line against it.
 """
 
 from __future__ import annotations

@@ -63,6 +63,9 @@ Deviations from the reference, all deliberate:
       round a faint edge pixel of the footprint to 0), and shrinking uses the same two-tap
       bilinear rule as ``F.interpolate`` (PIL widens its filter when shrinking; ImageNet
       originals smaller than the map are rare).
+
+Longer than 300 lines: the three rules of the released code and their box extraction are
+one protocol, compared together with the MATLAB helpers.
 """
 
 from __future__ import annotations

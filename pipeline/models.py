@@ -15,6 +15,9 @@ Accepted model names (see ``load_model``):
 random initialisation, no download) or the path of a state dict file.
 
 timm and torchvision are imported lazily, so importing this module stays cheap.
+
+Longer than 300 lines: most of it is the registry's table of model families and the key
+mapping of the bundled EfficientNet-Lite0 weights onto timm's module names.
 """
 
 from __future__ import annotations

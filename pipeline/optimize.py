@@ -34,6 +34,10 @@ Speed options (`SpeedOptions`) change how an iteration is computed, never what i
 bf16 autocast of the model forward (mask, noise, loss and Adam stay float32), channels_last
 memory format, the Adam implementation, and torch.compile of the model. `benchmarks/
 bench_optimize.py` measures each; `SpeedOptions.recommended` picks the ones that won there.
+
+Longer than the project's 300 lines: the loss, the substrates' compositing, both jitters
+and the speed paths belong to one optimisation loop and are read together against the
+references (the seed script and the released code).
 """
 
 from __future__ import annotations

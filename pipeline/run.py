@@ -2,6 +2,9 @@
 
 The only module that ties a run's file I/O to the algorithms, which take and return tensors.
 Which method runs is the registry's business (pipeline.methods); this module names none.
+
+Longer than 300 lines: one command's orchestration (start, resume by path, the batch loop's
+body, the record of what ran), each step a short function.
 """
 
 from __future__ import annotations
