@@ -6,7 +6,7 @@ into ``masks.h5``), or ``scores.h5`` for maps `mpbatch evaluate` scored that mpb
 make, and beside it the reports (pipeline.outputs). pipeline.store writes the mask file
 and documents its layout; everything that reads one (evaluate, the reports, `show`, the
 gallery, `merge`, benchmarks/quality.py) reads it here. Attributes stored as JSON are
-decoded here and nowhere else.
+decoded here (`decode_attr`; the store uses it too when it resumes a file).
 """
 
 from __future__ import annotations
@@ -44,16 +44,18 @@ def decode_strings(values: np.ndarray) -> np.ndarray | list[str]:
     return values
 
 
+def decode_attr(value: Any) -> Any:
+    """One attribute as stored: JSON objects and lists decoded, bytes as str."""
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value[:1] in "{[":
+        value = json.loads(value)
+    return value
+
+
 def decode_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
     """A file's attributes, the JSON ones (objects and lists) decoded."""
-    decoded = {}
-    for key, value in attrs.items():
-        if isinstance(value, bytes):
-            value = value.decode()
-        if isinstance(value, str) and value[:1] in "{[":
-            value = json.loads(value)
-        decoded[key] = value
-    return decoded
+    return {key: decode_attr(value) for key, value in attrs.items()}
 
 
 def find_run_file(path: str | Path) -> Path:

@@ -58,6 +58,7 @@ from .listing import UNKNOWN, Listing, same_stamp
 from .runfile import (
     FAILURE_FIELDS,
     STAMP_COLUMNS,
+    decode_attr,
     decode_strings,
     listing_of,
     row_keys,
@@ -292,7 +293,7 @@ class MaskStore:
         try:
             if file.attrs.get("format") != FORMAT:
                 raise ValueError(f"not an mpbatch mask file (format {file.attrs.get('format')!r})")
-            json.loads(file.attrs["config"])
+            decode_attr(file.attrs["config"])
             if file.attrs.get("writing", False) and not trust_unclean:
                 raise _UncleanShutdown()
             store = cls(file, path)
@@ -339,7 +340,7 @@ class MaskStore:
         return store
 
     def _check_config(self, config: dict, compare_keys: list[str] | None, fill_stored=None) -> None:
-        stored = json.loads(self.file.attrs["config"])
+        stored = decode_attr(self.file.attrs["config"])
         if fill_stored is not None:
             stored = fill_stored(stored)
         keys = compare_keys if compare_keys is not None else sorted(set(stored) | set(config))
@@ -394,7 +395,7 @@ class MaskStore:
 
     @property
     def config(self) -> dict:
-        return json.loads(self.file.attrs["config"])
+        return decode_attr(self.file.attrs["config"])
 
     @property
     def complete(self) -> bool:
@@ -563,10 +564,7 @@ class MaskStore:
 
     def get_attr(self, key: str, default=None):
         """A file attribute, JSON-decoded when it holds an object or a list."""
-        value = self.file.attrs.get(key, default)
-        if isinstance(value, str) and value[:1] in "{[":
-            value = json.loads(value)
-        return value
+        return decode_attr(self.file.attrs.get(key, default))
 
     @_write_errors_are_store_errors
     def set_attrs(self, **attrs) -> None:
@@ -752,7 +750,7 @@ def _read_part(part: Path) -> tuple[dict, list]:
 
 def _part_config(parts: Path) -> dict:
     with h5py.File(_part_files(parts)[0], "r") as file:
-        return json.loads(file.attrs["config"])
+        return decode_attr(file.attrs["config"])
 
 
 # -------------------------------------------------------------------- rewriting
