@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	# test-only reference: TorchRay without its unmaintained pins (the modules the tests
 	# import need only torch, numpy and matplotlib, installed above)
 	$(BIN)/pip install --quiet --no-deps torchray==1.0.0.2
+	# test-only reference for ROAD: grad-cam's port of road_evaluation's imputer (tests/test_road.py
+	# loads that one file; the package's own imports, OpenCV and ttach, are not needed)
+	$(BIN)/pip install --quiet --no-deps grad-cam==1.5.7
 	touch $@
 
 test: install

@@ -180,6 +180,12 @@ def _evaluation_options(function):
                 "of the original image before its argmax, as TorchRay's benchmark (0.09). "
                 "Default: the method's (0.09 for extremal, else 0).",
             ),
+            click.option(
+                "--road",
+                is_flag=True,
+                help="Also score ROAD (Rong et al. 2022): MoRF and LeRF curves at 10%..90% "
+                "removed with noisy linear imputation, their areas and the gap, for every map.",
+            ),
         ],
     )
 
@@ -208,16 +214,18 @@ def _batch_size(value: str) -> int | str:
     return number
 
 
-def _eval_options(step, tolerance, eval_batch_size, baselines, smooth):
+def _eval_options(options: dict):
+    """The scoring protocol from the options of `_evaluation_options` (popped)."""
     from pipeline.configuration import EvalOptions
 
-    names = tuple(b for b in baselines.split(",") if b and b != "none")
+    baselines = options.pop("baselines")
     return EvalOptions(
-        step=step,
-        tolerance=tolerance,
-        eval_batch_size=eval_batch_size,
-        baselines=names,
-        smooth=smooth,
+        step=options.pop("step"),
+        tolerance=options.pop("tolerance"),
+        eval_batch_size=options.pop("eval_batch_size"),
+        baselines=tuple(b for b in baselines.split(",") if b and b != "none"),
+        smooth=options.pop("smooth"),
+        road=options.pop("road"),
     )
 
 
@@ -320,7 +328,7 @@ def main() -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Start over instead of resuming OUT.")
 @_user_errors
-def run(data, out, metrics, step, tolerance, eval_batch_size, baselines, smooth, **options) -> None:
+def run(data, out, metrics, **options) -> None:
     """Explain every image of DATA and write OUT/masks.h5 and OUT/report.csv.
 
     Rerunning the same command resumes. SIGTERM or SIGUSR1 stop within an iteration (the
@@ -335,6 +343,7 @@ def run(data, out, metrics, step, tolerance, eval_batch_size, baselines, smooth,
     settings = {name: options.pop(name) for name in option_flags()}
     method = options.pop("method") or method_for_preset(options["preset"])
     quiet, compile_model = _tell(options), options.pop("compile_model")
+    evaluation = _eval_options(options)
     run_options = RunOptions(
         data=data,
         out=out,
@@ -342,9 +351,7 @@ def run(data, out, metrics, step, tolerance, eval_batch_size, baselines, smooth,
         overrides=parse_overrides(method, settings),
         progress=not quiet,
         compile=compile_model or options["cuda_graphs"],
-        evaluation=(
-            _eval_options(step, tolerance, eval_batch_size, baselines, smooth) if metrics else None
-        ),
+        evaluation=evaluation if metrics else None,
         **options,
     )
     click.echo(describe(run_pipeline(run_options)))
@@ -420,7 +427,7 @@ def show(out, dest, limit, html, sort, ascending) -> None:
 @_shared_options
 @_evaluation_options
 @_user_errors
-def evaluate(source, step, tolerance, eval_batch_size, baselines, smooth, **options):
+def evaluate(source, **options):
     """Score saliency maps: deletion/insertion AUCs and the pointing game.
 
     SOURCE is an mpbatch run (folder or masks.h5; its metrics are recomputed in place and
@@ -435,7 +442,7 @@ def evaluate(source, step, tolerance, eval_batch_size, baselines, smooth, **opti
     evaluate_options = EvaluateOptions(
         source=source,
         progress=not quiet,
-        evaluation=_eval_options(step, tolerance, eval_batch_size, baselines, smooth),
+        evaluation=_eval_options(options),
         **options,
     )
     scored = evaluate_maps(evaluate_options)

@@ -292,6 +292,9 @@ SHOWN = [
     "loc_error",
     "loc_error_value",
     "loc_error_mean",
+    "road_morf",  # with --road only (the columns of a summary come from pipeline.columns)
+    "road_lerf",
+    "road_gap",
     "prob_masked_median",
     "s_per_image_map",
     "s_per_image_scoring",

@@ -51,6 +51,10 @@ MAP_METRICS = (
     Column("loc_hit_energy", "localization hit, energy 0.95", "higher"),
     Column("loc_hit_value", "localization hit, value 0.10", "higher"),
     Column("loc_hit_mean", "localization hit, mean 0.5", "higher"),
+    # with --road only (pipeline.road): areas are the mean probability over the fractions
+    Column("road_morf_area", "ROAD MoRF area", "lower"),
+    Column("road_lerf_area", "ROAD LeRF area", "higher"),
+    Column("road_gap", "ROAD gap (LeRF − MoRF)", "higher"),
 )
 # Per-map curves (N×K columns): kept in the mask file, summarised, never in report.csv.
 MAP_CURVES = (
@@ -59,6 +63,8 @@ MAP_CURVES = (
     "loc_curve_energy",
     "loc_curve_value",
     "loc_curve_mean",
+    "road_morf_curve",
+    "road_lerf_curve",
 )
 LOC_RULES = ("value", "energy", "mean")  # pipeline.localization.RULES, the default second
 
@@ -169,6 +175,7 @@ class SummaryColumn:
     statistic: str = "mean"
     small: bool = False
     complement: bool = False
+    optional: bool = False  # a metric scored on request: a column only when some map has it
 
     @property
     def header(self) -> str:
@@ -216,14 +223,26 @@ SUMMARY = (
     SummaryColumn(
         "pointing_acc_smooth", "pointing, smoothed 0.09", "pointing_hit_smooth", "higher"
     ),
+    SummaryColumn("road_morf", "ROAD MoRF", "road_morf_area", "lower", True, optional=True),
+    SummaryColumn("road_lerf", "ROAD LeRF", "road_lerf_area", "higher", True, optional=True),
+    SummaryColumn("road_gap", "ROAD gap", "road_gap", "higher", True, optional=True),
 )
 
 
-def summary_csv_columns() -> list[str]:
-    """summary.csv's header: each SUMMARY column, its `_low` and `_high` after it when it
-    has an interval (kept in the order of the files mpbatch has always written)."""
+def summary_columns(columns: Iterable[str] = ()) -> list[SummaryColumn]:
+    """The SUMMARY entries of a summary over a file with these per-image `columns`: every
+    one that is not optional, and the optional ones some map was scored with."""
+    stored = list(columns)
+    return [
+        c for c in SUMMARY if not c.optional or any(name.endswith(str(c.source)) for name in stored)
+    ]
+
+
+def summary_csv_columns(columns: Iterable[str] = ()) -> list[str]:
+    """summary.csv's header: each of summary_columns(columns), its `_low` and `_high` after
+    it when it has an interval (in the order of the files mpbatch has always written)."""
     names: list[str] = []
-    for column in SUMMARY:
+    for column in summary_columns(columns):
         names.append(column.name)
         if column.interval:
             names += [f"{column.name}_low", f"{column.name}_high"]

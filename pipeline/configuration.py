@@ -25,6 +25,7 @@ from .methods import DEFAULT_METHOD, get_method, method_for_preset
 from .metrics import CurveProtocol
 from .optimize import SpeedOptions
 from .pointing import SMALL_OBJECT_COVERAGE
+from .road import ROAD_FRACTIONS, ROAD_NOISE, describe_road
 
 # Step images scored per forward pass when not set. On this CPU (one thread), deletion +
 # insertion curves of EfficientNet-Lite0 took 15.0 s at eval batch 1, 17.5 s at 2, 21.6 s
@@ -57,8 +58,9 @@ class EvalOptions:
     tolerance: float = 15.0
     eval_batch_size: int | None = None  # None: eval_batch_size_for(the images' device)
     baselines: tuple[str, ...] = field(default_factory=comparisons)
-    seed: int = 0  # of the random baseline
+    seed: int = 0  # of the random baseline and of ROAD's imputation noise
     smooth: float | None = None
+    road: bool = False  # also ROAD's MoRF/LeRF curves (pipeline.road)
 
     def __post_init__(self) -> None:
         known = comparisons()
@@ -77,13 +79,16 @@ class EvalOptions:
     def settings(self) -> dict:
         """What decides the scores (a resume must match it; the wording of describe() may
         change between versions without refusing old runs)."""
-        return {
+        settings = {
             "step": self.step,
             "tolerance": self.tolerance,
             "smooth": self.smooth,
             "baselines": list(self.baselines),
             "seed": self.seed,
         }
+        if self.road:  # absent when off: runs from before ROAD resume as they were
+            settings["road"] = {"fractions": list(ROAD_FRACTIONS), "noise": ROAD_NOISE}
+        return settings
 
     def protocol(self) -> CurveProtocol:
         return CurveProtocol(step=self.step)
@@ -119,6 +124,7 @@ class EvalOptions:
             "small_object": f"target boxes cover < {SMALL_OBJECT_COVERAGE:.0%} of the image",
             "baselines": list(self.baselines),
             "random_seed": self.seed,
+            **({"road": describe_road()} if self.road else {}),
         }
 
 

@@ -19,9 +19,9 @@ from .columns import (
     MAP_METRICS,
     METHOD_ROW,
     REPORT_ORDER,
-    SUMMARY,
     prefix,
     scored_maps,
+    summary_columns,
     summary_csv_columns,
 )
 from .comparisons import comparison_names
@@ -151,6 +151,7 @@ def summary_table(
     `small_object` rows among them; `pointing_acc_macro` averages over `target` classes.
     """
     rows = _rows(columns)
+    schema = summary_columns(columns)
     small = _small_rows(columns, rows)
     classes = np.asarray(columns["target"]).reshape(rows) if "target" in columns else np.zeros(rows)
     records = []
@@ -158,14 +159,14 @@ def summary_table(
         if not any(f"{prefix(method)}{m}" in columns for m in METRICS):
             continue
         record: dict[str, object] = {}
-        for column in SUMMARY:
+        for column in schema:
             if column.statistic == "name":
                 record[column.name] = label if method == METHOD_ROW else method
                 continue
             values = _float_column(columns, f"{prefix(method)}{column.source}", rows)
             record.update(_statistic(column, values, small, classes, n_resamples, seed))
         records.append(record)
-    return pd.DataFrame(records, columns=SUMMARY_COLUMNS)
+    return pd.DataFrame(records, columns=summary_csv_columns(columns))
 
 
 def _statistic(column, values, small, classes, n_resamples, seed) -> dict[str, object]:

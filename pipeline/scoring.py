@@ -21,6 +21,8 @@ from .pointing import (
     pointing_hits,
     pointing_points,
 )
+from .road import road_curves
+from .seeding import image_seeds
 
 
 def check_labels(samples: list[Sample], num_classes: int, model_name: str) -> None:
@@ -82,9 +84,11 @@ def target_boxes(sample: Sample, target: int) -> torch.Tensor | None:
     return torch.tensor(boxes, dtype=torch.float64) if boxes else None
 
 
-def _map_columns(model, images, saliency, targets, boxes, sizes, options, points=None) -> dict:
+def _map_columns(
+    model, images, saliency, targets, boxes, sizes, options, points=None, road_seeds=None
+) -> dict:
     """One map's metric columns: curves, AUCs and pointing (score_saliency), pointing raw and
-    smoothed, and localization (pipeline.localization)."""
+    smoothed, localization (pipeline.localization), and ROAD when `road_seeds` are given."""
     columns = {
         k: v.numpy()
         for k, v in score_saliency(
@@ -109,7 +113,22 @@ def _map_columns(model, images, saliency, targets, boxes, sizes, options, points
             hits[scored] = found.numpy()
         columns[f"pointing_hit_{suffix}"] = hits
     columns.update(localization_columns(saliency, boxes, sizes))
+    if road_seeds is not None:
+        columns.update(_road_columns(model, images, saliency, targets, road_seeds))
     return columns
+
+
+def _road_columns(model, images, saliency, targets, seeds) -> dict[str, np.ndarray]:
+    """ROAD's curves (B×F), their areas (mean over the fractions) and the gap LeRF − MoRF."""
+    curves = road_curves(model, images, saliency, targets, seeds)
+    morf, lerf = curves["morf"].numpy(), curves["lerf"].numpy()
+    return {
+        "road_morf_curve": morf,
+        "road_lerf_curve": lerf,
+        "road_morf_area": morf.mean(1),
+        "road_lerf_area": lerf.mean(1),
+        "road_gap": lerf.mean(1) - morf.mean(1),
+    }
 
 
 def evaluate_batch(
@@ -142,7 +161,10 @@ def evaluate_batch(
     }
     model = model.eval()
     with channels_last_on_cpu(model, images.device):
-        columns = _map_columns(model, images, saliency, targets, boxes, sizes, options)
+        road = image_seeds(evaluation.seed, keys) if evaluation.road else None
+        columns = _map_columns(
+            model, images, saliency, targets, boxes, sizes, options, road_seeds=road
+        )
         coverage = box_coverage(boxes, sizes).numpy()
         columns["box_coverage"] = coverage
         columns["small_object"] = np.where(
@@ -154,6 +176,8 @@ def evaluate_batch(
             other = comparison_maps(name, request)
             pointing = get_comparison(name).points
             points = pointing(sizes) if pointing is not None else None
-            scores = _map_columns(model, images, other, targets, boxes, sizes, options, points)
+            scores = _map_columns(
+                model, images, other, targets, boxes, sizes, options, points, road_seeds=road
+            )
             columns.update({f"{name}_{k}": v for k, v in scores.items()})
     return columns
