@@ -1,0 +1,89 @@
+"""ROAD's ranking of maps beside deletion's and insertion's (issue 24): reads the runs of
+benchmarks/road100.sh and writes benchmarks/results/road100_ranking.csv and .md.
+
+    .venv/bin/python benchmarks/road_ranking.py /work/runs/road100
+
+One row per map: the run's own map (labelled by its folder: seed, paper, gradcam) and the
+centre and random baselines of the Grad-CAM run; deletion and insertion AUC and ROAD's
+MoRF area, LeRF area and gap, means with 95% bootstrap intervals over the images each run
+finished, and each metric's rank (1 = best). Kendall's tau between the rankings says
+whether ROAD orders the maps as deletion and insertion do.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.report import summary_table  # noqa: E402
+from pipeline.runfile import RunFile  # noqa: E402
+
+# metric -> better direction ("lower" ranks ascending)
+RANKED = {
+    "deletion_auc": "lower",
+    "insertion_auc": "higher",
+    "road_morf": "lower",
+    "road_lerf": "higher",
+    "road_gap": "higher",
+}
+
+
+def rows(runs: Path) -> pd.DataFrame:
+    tables = []
+    for folder in sorted(p for p in runs.iterdir() if (p / "masks.h5").is_file()):
+        try:
+            run = RunFile.open(folder)
+        except OSError as error:  # a run still writing holds its file
+            print(f"road_ranking: {folder} left out: {error}", file=sys.stderr)
+            continue
+        table = summary_table(run.columns, label=folder.name)
+        table.insert(0, "run", folder.name)
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True)
+
+
+def kendall_tau(a: list, b: list) -> float:
+    """Kendall's tau between two rankings of the same items (no ties)."""
+    pairs = list(itertools.combinations(range(len(a)), 2))
+    agree = sum((a[i] - a[j]) * (b[i] - b[j]) > 0 for i, j in pairs)
+    return (2 * agree - len(pairs)) / len(pairs) if pairs else float("nan")
+
+
+def main() -> None:
+    runs = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/runs/road100")
+    table = rows(runs)
+    for metric, better in RANKED.items():
+        table[f"rank_{metric}"] = table[metric].rank(ascending=better == "lower").astype(int)
+    ranks = {m: list(table[f"rank_{m}"]) for m in RANKED}
+    taus = [(a, b, kendall_tau(ranks[a], ranks[b])) for a, b in itertools.combinations(RANKED, 2)]
+    out = ROOT / "benchmarks" / "results" / "road100_ranking.csv"
+    keep = ["run", "method", "images"]
+    keep += [c for m in RANKED for c in (m, f"{m}_low", f"{m}_high")]
+    keep += [f"rank_{m}" for m in RANKED]
+    table[keep].to_csv(out, index=False)
+    lines = [
+        f"<!-- .venv/bin/python benchmarks/road_ranking.py {runs} -->",
+        "| map | images | deletion ↓ | insertion ↑ | ROAD MoRF ↓ | ROAD LeRF ↑ | ROAD gap ↑ "
+        "| ranks (del, ins, MoRF, LeRF, gap) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for _, row in table.iterrows():
+        cells = [f"{row[m]:.3f} [{row[m + '_low']:.3f}, {row[m + '_high']:.3f}]" for m in RANKED]
+        order = ", ".join(str(row[f"rank_{m}"]) for m in RANKED)
+        lines.append(
+            f"| {row['method']} | {row['images']} | " + " | ".join(cells) + f" | {order} |"
+        )
+    lines += ["", "Kendall's tau between the rankings of the maps:", ""]
+    lines += [f"- {a} vs {b}: {tau:.2f}" for a, b, tau in taus]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
