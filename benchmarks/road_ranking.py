@@ -5,9 +5,10 @@ benchmarks/road100.sh and writes benchmarks/results/road100_ranking.csv and .md.
 
 One row per map: the run's own map (labelled by its folder: seed, paper, gradcam) and the
 centre and random baselines of the Grad-CAM run; deletion and insertion AUC and ROAD's
-MoRF area, LeRF area and gap, means with 95% bootstrap intervals over the images each run
-finished, and each metric's rank (1 = best). Kendall's tau between the rankings says
-whether ROAD orders the maps as deletion and insertion do.
+MoRF area, LeRF area and gap, means with 95% bootstrap intervals over the images that every
+run has finished (so all rows describe the same images), and each metric's rank (1 = best).
+Kendall's tau between the rankings says whether ROAD orders the maps as deletion and
+insertion do.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import itertools
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,15 +37,20 @@ RANKED = {
 
 
 def rows(runs: Path) -> pd.DataFrame:
-    tables = []
+    """One summary row per map, every run restricted to the images all runs finished."""
+    found = {}
     for folder in sorted(p for p in runs.iterdir() if (p / "masks.h5").is_file()):
         try:
-            run = RunFile.open(folder)
+            found[folder.name] = RunFile.open(folder)
         except OSError as error:  # a run still writing holds its file
             print(f"road_ranking: {folder} left out: {error}", file=sys.stderr)
-            continue
-        table = summary_table(run.columns, label=folder.name)
-        table.insert(0, "run", folder.name)
+    common = set.intersection(*(set(run.columns["path"]) for run in found.values()))
+    tables = []
+    for name, run in found.items():
+        keep = np.isin(run.columns["path"], sorted(common))
+        columns = {k: v[keep] for k, v in run.columns.items()}
+        table = summary_table(columns, label=name)
+        table.insert(0, "run", name)
         tables.append(table)
     return pd.concat(tables, ignore_index=True)
 
