@@ -1,7 +1,8 @@
 """ROAD's ranking of maps beside deletion's and insertion's (issue 24): reads the runs of
-benchmarks/road100.sh and writes benchmarks/results/road100_ranking.csv and .md.
+benchmarks/road100.sh and writes benchmarks/results/road100_ranking_<runs>.csv and .md.
 
-    .venv/bin/python benchmarks/road_ranking.py /work/runs/road100
+    .venv/bin/python benchmarks/road_ranking.py /work/runs/road100           (every run)
+    .venv/bin/python benchmarks/road_ranking.py RUN_FOLDER [RUN_FOLDER ...]  (these runs)
 
 One row per map: the run's own map (labelled by its folder: seed, paper, gradcam) and the
 centre and random baselines of the Grad-CAM run; deletion and insertion AUC and ROAD's
@@ -36,10 +37,18 @@ RANKED = {
 }
 
 
-def rows(runs: Path) -> pd.DataFrame:
+def run_folders(arguments: list[str]) -> list[Path]:
+    """The run folders named, or those inside one folder named (default /work/runs/road100)."""
+    paths = [Path(a) for a in arguments] or [Path("/work/runs/road100")]
+    if len(paths) == 1 and not (paths[0] / "masks.h5").is_file():
+        return sorted(p for p in paths[0].iterdir() if (p / "masks.h5").is_file())
+    return paths
+
+
+def rows(folders: list[Path]) -> pd.DataFrame:
     """One summary row per map, every run restricted to the images all runs finished."""
     found = {}
-    for folder in sorted(p for p in runs.iterdir() if (p / "masks.h5").is_file()):
+    for folder in folders:
         try:
             found[folder.name] = RunFile.open(folder)
         except OSError as error:  # a run still writing holds its file
@@ -63,19 +72,22 @@ def kendall_tau(a: list, b: list) -> float:
 
 
 def main() -> None:
-    runs = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/runs/road100")
-    table = rows(runs)
+    folders = run_folders(sys.argv[1:])
+    table = rows(folders)
     for metric, better in RANKED.items():
         table[f"rank_{metric}"] = table[metric].rank(ascending=better == "lower").astype(int)
     ranks = {m: list(table[f"rank_{m}"]) for m in RANKED}
     taus = [(a, b, kendall_tau(ranks[a], ranks[b])) for a, b in itertools.combinations(RANKED, 2)]
-    out = ROOT / "benchmarks" / "results" / "road100_ranking.csv"
+    name = "road100_ranking" + "".join(f"_{f.name}" for f in folders)
+    out = ROOT / "benchmarks" / "results" / f"{name}.csv"
     keep = ["run", "method", "images"]
     keep += [c for m in RANKED for c in (m, f"{m}_low", f"{m}_high")]
     keep += [f"rank_{m}" for m in RANKED]
     table[keep].to_csv(out, index=False)
     lines = [
-        f"<!-- .venv/bin/python benchmarks/road_ranking.py {runs} -->",
+        "<!-- .venv/bin/python benchmarks/road_ranking.py "
+        + " ".join(str(f) for f in folders)
+        + " -->",
         "| map | images | deletion ↓ | insertion ↑ | ROAD MoRF ↓ | ROAD LeRF ↑ | ROAD gap ↑ "
         "| ranks (del, ins, MoRF, LeRF, gap) |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
