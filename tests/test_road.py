@@ -29,6 +29,9 @@ from pipeline.road import (
     road_curves,
 )
 
+# the reference's scipy lil_matrix code warns under numpy 2; not ours to change
+pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning")
+
 
 def _reference():
     """grad-cam's road module, loaded without its package's __init__ (OpenCV, ttach)."""
