@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,8 +20,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
+from bench_resume import cpu_name  # noqa: E402
 from test_road import _reference  # noqa: E402
 
 from pipeline.datasets import discover  # noqa: E402
@@ -50,17 +50,6 @@ def masks(saliency: torch.Tensor) -> torch.Tensor:
     """Every (order, fraction) removal of every image: (B·18)×224×224, image-major."""
     every = [removed_pixels(saliency, (224, 224), f, o) for o in ORDERS for f in ROAD_FRACTIONS]
     return torch.stack(every, dim=1).flatten(0, 1)
-
-
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), else the platform's."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -76,15 +76,23 @@ def removed_pixels(saliency: Tensor, size: tuple[int, int], fraction: float, ord
     saliency B×h×w (higher = more important) is ordered as `metrics.saliency_order` does;
     MoRF removes its first ⌊H·W·f⌋ pixels, LeRF all but its first ⌊H·W·(1 − f)⌋.
     """
+    return _removed_by_rank(_ranks(saliency, size), size, fraction, order)
+
+
+def _ranks(saliency: Tensor, size: tuple[int, int]) -> Tensor:
+    """B×(H·W): each pixel's position in the saliency order (0 = most salient)."""
+    h, w = int(size[0]), int(size[1])
+    ranked = saliency_order(saliency, (h, w))
+    positions = torch.arange(h * w, device=ranked.device).expand_as(ranked)
+    return torch.empty_like(ranked).scatter_(1, ranked, positions)
+
+
+def _removed_by_rank(rank: Tensor, size: tuple[int, int], fraction: float, order: str):
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"a ROAD fraction must be in (0, 1), got {fraction}")
     h, w = int(size[0]), int(size[1])
-    ranked = saliency_order(saliency, (h, w))
-    rank = torch.empty_like(ranked).scatter_(
-        1, ranked, torch.arange(h * w, device=ranked.device).expand_as(ranked)
-    )
     if order == "morf":
         removed = rank < int(h * w * fraction)
     else:
@@ -304,8 +312,9 @@ def road_curves(
     """
     b, c, h, w = images.shape
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    rank = _ranks(saliency, (h, w))  # one sort for every fraction and order
     removed = torch.stack(
-        [removed_pixels(saliency, (h, w), f, o) for o in ORDERS for f in fractions], dim=1
+        [_removed_by_rank(rank, (h, w), f, o) for o in ORDERS for f in fractions], dim=1
     )  # B×(2F)×H×W, in each image's draw order
     removed = removed.view(b * 2 * len(fractions), h, w)
     per_system = [g for g in generators for _ in range(2 * len(fractions))]
