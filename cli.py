@@ -242,47 +242,93 @@ def main() -> None:
     configure()
 
 
+def _explain_options(function):
+    """Options shared by `run` and `sanity`: the model, the method and its settings, the
+    images, and how fast they are explained."""
+    return _apply(
+        function,
+        [
+            click.option(
+                "--model",
+                default="efficientnet_lite0",
+                show_default=True,
+                help="efficientnet_lite0, a torchvision name (vgg19, resnet50, ...), "
+                "timm:NAME, or module.path:function.",
+            ),
+            click.option(
+                "--method",
+                type=click.Choice(method_names()),
+                default=None,
+                help=f"The saliency method (default: the preset's, else {DEFAULT_METHOD}).",
+            ),
+            click.option(
+                "--preset",
+                type=click.Choice(preset_names()),
+                default=None,
+                help="Hyperparameter preset (implies its method); the options below override it.",
+            ),
+            _method_options,
+            click.option(
+                "--area",
+                type=int,
+                default=None,
+                help="Methods with several masks per image (extremal): score this one (index); "
+                "default the sum.",
+            ),
+            click.option(
+                "--size", type=int, default=224, show_default=True, help="Input size (square)."
+            ),
+            click.option(
+                "--batch-size",
+                default="auto",
+                show_default=True,
+                callback=lambda ctx, param, value: _batch_size(value),
+                help="Images explained together, or 'auto': the largest that fits the GPU, up "
+                "to 128 (8 on CPU).",
+            ),
+            click.option(
+                "--limit", type=int, default=None, help="Process only the first N images."
+            ),
+            _shared_options,
+            click.option(
+                "--precision",
+                type=click.Choice(["auto", "fp32", "bf16"]),
+                default="auto",
+                show_default=True,
+                help="Model forward in bf16 (mask, loss and Adam stay fp32); auto picks what "
+                "benchmarks/bench_optimize.py measured fastest for the device and model. "
+                "Methods that run in float32 only refuse bf16.",
+            ),
+            click.option(
+                "--compile",
+                "compile_model",
+                is_flag=True,
+                help="torch.compile the model (pays off on GPU for long runs; slower on CPU). "
+                "The last batch is padded to the batch size, so nothing recompiles.",
+            ),
+            click.option(
+                "--cuda-graphs",
+                is_flag=True,
+                help="With --compile on a GPU: replay each iteration as CUDA graphs "
+                "(torch.compile's reduce-overhead mode); measured 2.9x faster for "
+                "EfficientNet-Lite0 on an H100.",
+            ),
+            click.option(
+                "--on-error",
+                type=click.Choice(["skip", "fail"]),
+                default="skip",
+                show_default=True,
+                help="Skip undecodable images (listed in failures.csv) or stop.",
+            ),
+            click.option("--overwrite", is_flag=True, help="Start over instead of resuming OUT."),
+        ],
+    )
+
+
 @main.command()
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
-@click.option(
-    "--model",
-    default="efficientnet_lite0",
-    show_default=True,
-    help="efficientnet_lite0, a torchvision name (vgg19, resnet50, ...), "
-    "timm:NAME, or module.path:function.",
-)
-@click.option(
-    "--method",
-    type=click.Choice(method_names()),
-    default=None,
-    help=f"The saliency method (default: the preset's, else {DEFAULT_METHOD}).",
-)
-@click.option(
-    "--preset",
-    type=click.Choice(preset_names()),
-    default=None,
-    help="Hyperparameter preset (implies its method); the options below override it.",
-)
-@_method_options
-@click.option(
-    "--area",
-    type=int,
-    default=None,
-    help="Methods with several masks per image (extremal): score this one (index); "
-    "default the sum.",
-)
-@click.option("--size", type=int, default=224, show_default=True, help="Input size (square).")
-@click.option(
-    "--batch-size",
-    default="auto",
-    show_default=True,
-    callback=lambda ctx, param, value: _batch_size(value),
-    help="Images explained together, or 'auto': the largest that fits the GPU, up to 128 "
-    "(8 on CPU).",
-)
-@click.option("--limit", type=int, default=None, help="Process only the first N images.")
-@_shared_options
+@_explain_options
 @click.option(
     "--metrics/--no-metrics",
     default=True,
@@ -291,42 +337,12 @@ def main() -> None:
 )
 @_evaluation_options
 @click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16"]),
-    default="auto",
-    show_default=True,
-    help="Model forward in bf16 (mask, loss and Adam stay fp32); auto picks what "
-    "benchmarks/bench_optimize.py measured fastest for the device and model. Methods that "
-    "run in float32 only refuse bf16.",
-)
-@click.option(
-    "--compile",
-    "compile_model",
-    is_flag=True,
-    help="torch.compile the model (pays off on GPU for long runs; slower on CPU). The last "
-    "batch is padded to the batch size, so nothing recompiles.",
-)
-@click.option(
-    "--cuda-graphs",
-    is_flag=True,
-    help="With --compile on a GPU: replay each iteration as CUDA graphs (torch.compile's "
-    "reduce-overhead mode); measured 2.9x faster for EfficientNet-Lite0 on an H100.",
-)
-@click.option(
     "--shard",
     default=None,
     metavar="I/N",
     help="Run shard I of N (default: from torchrun's RANK/WORLD_SIZE or SLURM's "
     "variables; one shard otherwise).",
 )
-@click.option(
-    "--on-error",
-    type=click.Choice(["skip", "fail"]),
-    default="skip",
-    show_default=True,
-    help="Skip undecodable images (listed in failures.csv) or stop.",
-)
-@click.option("--overwrite", is_flag=True, help="Start over instead of resuming OUT.")
 @_user_errors
 def run(data, out, metrics, **options) -> None:
     """Explain every image of DATA and write OUT/masks.h5 and OUT/report.csv.
@@ -335,26 +351,100 @@ def run(data, out, metrics, **options) -> None:
     unfinished batch is dropped), write what is done and exit with status 75, so a requeued
     job continues where it stopped.
     """
-    from pipeline.configuration import RunOptions
-    from pipeline.methods import method_for_preset, parse_overrides
     from pipeline.run import describe
     from pipeline.run import run as run_pipeline
 
+    quiet = _tell(options)
+    evaluation = _eval_options(options)
+    run_options = _run_options(data, out, options, evaluation if metrics else None, quiet)
+    click.echo(describe(run_pipeline(run_options)))
+
+
+def _run_options(data, out, options: dict, evaluation, quiet: bool):
+    """RunOptions from the options of `_explain_options` (and `run`'s own) as parsed."""
+    from pipeline.configuration import RunOptions
+    from pipeline.methods import method_for_preset, parse_overrides
+
     settings = {name: options.pop(name) for name in option_flags()}
     method = options.pop("method") or method_for_preset(options["preset"])
-    quiet, compile_model = _tell(options), options.pop("compile_model")
-    evaluation = _eval_options(options)
-    run_options = RunOptions(
+    compile_model = options.pop("compile_model")
+    return RunOptions(
         data=data,
         out=out,
         method=method,
         overrides=parse_overrides(method, settings),
         progress=not quiet,
         compile=compile_model or options["cuda_graphs"],
-        evaluation=evaluation if metrics else None,
+        evaluation=evaluation,
         **options,
     )
-    click.echo(describe(run_pipeline(run_options)))
+
+
+@main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@_explain_options
+@click.option(
+    "--granularity",
+    type=click.Choice(["blocks", "layers"]),
+    default="blocks",
+    show_default=True,
+    help="What each stage re-initialises: the network's next top-level block (a top-level "
+    "Sequential gives one per child), as the paper; or the next module with parameters, "
+    "Quantus's MPRT order.",
+)
+@click.option(
+    "--layers",
+    default=None,
+    help="Stop the cascade at these stages (comma-separated names; the cascade always "
+    "starts at the top). Default: every stage.",
+)
+@click.option(
+    "--randomisation-seed",
+    type=int,
+    default=42,
+    show_default=True,
+    help="Each module is re-initialised right after torch.manual_seed(SEED + 1), as Quantus.",
+)
+@click.option(
+    "--stages/--no-stages",
+    default=True,
+    show_default=True,
+    help="Run the model-randomisation check (--no-stages: repeatability alone).",
+)
+@click.option(
+    "--repeat",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Also explain the images K times with the method's seeds SEED..SEED+K-1, score "
+    "them, and report the maps' mean pairwise Pearson r and the spread of every curve area.",
+)
+@_evaluation_options
+@_user_errors
+def sanity(data, out, granularity, layers, randomisation_seed, stages, repeat, **options):
+    """The model-randomisation sanity check (Adebayo et al. 2018) and repeatability.
+
+    Explains the images of DATA with the trained model, then again after each stage of a
+    cascade that re-initialises the network from its top, and writes OUT/sanity.csv,
+    OUT/sanity_summary.csv and OUT/sanity.png: the Spearman, SSIM and HOG similarity of
+    each stage's maps to the original's. Each explanation is a run in its own folder under
+    OUT, so rerunning the same command resumes.
+    """
+    from pipeline.sanity import SanityOptions, describe
+    from pipeline.sanity import sanity as sanity_check
+
+    quiet = _tell(options)
+    evaluation = _eval_options(options)
+    sanity_options = SanityOptions(
+        run=_run_options(data, out, options, evaluation, quiet),
+        granularity=granularity,
+        randomisation_seed=randomisation_seed,
+        stages=stages,
+        repeat=repeat,
+        layers=tuple(n.strip() for n in layers.split(",") if n.strip()) if layers else None,
+    )
+    click.echo(describe(sanity_check(sanity_options)))
 
 
 @main.command()

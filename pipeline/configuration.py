@@ -158,6 +158,10 @@ class RunOptions:
     area: int | None = None  # several masks per image (extremal): score this one, else the sum
     name: str | None = None  # the run's row label in summaries (default: the method)
     evaluation: EvalOptions | None = field(default_factory=EvalOptions)
+    # the sanity check's stage: modules of the network re-initialised before explaining
+    # (pipeline.randomisation.randomise), top first; () for the trained model
+    randomised: tuple[str, ...] = ()
+    randomisation_seed: int = 42
 
     def __post_init__(self) -> None:
         if self.method is None:
@@ -216,6 +220,8 @@ class RunRecord:
     scoring: dict | None = result_field()  # EvalOptions.settings(), None without metrics
     speed: dict = result_field()  # what ran: SpeedOptions as applied, and the device type
     shard: dict | None = result_field(merge=False, default=None)  # rank, world
+    # the sanity check's re-initialised modules and their seed; None for the trained model
+    randomised: dict | None = result_field(default=None)
     evaluation: dict | None = None  # EvalOptions.describe(): the protocol in words
     preset: str = ""
     name: str | None = None

@@ -22,6 +22,7 @@ from .comparisons import MapRequest, comparison_maps, get_comparison
 from .configuration import EvalOptions, pick_device, versions
 from .datasets import DatasetError, Sample, discover
 from .images import ImageFolderDataset
+from .maps import resize_maps, same_aspect
 from .models import load_model
 from .outdir import hold, prepare_out
 from .outputs import write_report_csv, write_summary
@@ -156,6 +157,19 @@ def _check_finite(source: Path, saliency: np.ndarray, paths: list[str]) -> None:
         )
 
 
+def _check_map_shape(source, map_size, samples, sizes, input_size) -> None:
+    """Bad input: a foreign map whose shape fits neither its image (the original's aspect
+    ratio) nor the model's input; it would be stretched over the image."""
+    for sample, (width, height) in zip(samples, sizes, strict=True):
+        original = (int(height), int(width))
+        if not (same_aspect(map_size, input_size) or same_aspect(map_size, original)):
+            raise DatasetError(
+                f"{source}: the map of {sample.path} is {map_size[0]}×{map_size[1]}, which fits "
+                f"neither the image ({original[0]}×{original[1]}) nor the model input "
+                f"({input_size[0]}×{input_size[1]})"
+            )
+
+
 def _read_npy(source: Path, paths_file: Path | None) -> SaliencySource:
     if paths_file is None:
         raise DatasetError(f"{source}: an .npy saliency array needs --paths FILE")
@@ -278,6 +292,11 @@ def _score_batch(options, source, model, all_samples, batch, rows: list[int], lo
     targets = torch.from_numpy(columns["target"]).to(images.device)
     size = tuple(images.shape[-2:])
     saliency = source.batch(rows, size[0], images.device)
+    if source.saliency is not None:
+        map_size = tuple(saliency.shape[-2:])
+        _check_map_shape(options.source, map_size, samples, sizes, size)
+        if not same_aspect(map_size, size):  # at the image's aspect: squashed as the image is
+            saliency = resize_maps(saliency.float(), size)
     if saliency is None:  # a comparison scored as the maps (--baseline)
         keys = [s.path for s in samples]
         request = MapRequest(model, images, targets, keys, size, options.evaluation.seed)

@@ -32,6 +32,26 @@ def resize_maps(saliency: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(saliency[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
+def same_aspect(map_size: tuple[int, int], image_size: tuple[int, int]) -> bool:
+    """Whether an h×w map covers an H×W image without stretching: h/w = H/W, up to the
+    rounding of a coarse grid (h = round(w·H/W) or w = round(h·W/H))."""
+    (h, w), (big_h, big_w) = (int(v) for v in map_size), (int(v) for v in image_size)
+    return h == round(w * big_h / big_w) or w == round(h * big_w / big_h)
+
+
+def check_fits(saliency: Tensor, images: Tensor) -> None:
+    """ValueError unless saliency B×h×w has one map per image of B×C×H×W with H×W's aspect
+    ratio (a map of another shape would be stretched over its image)."""
+    b, (h, w) = images.shape[0], tuple(images.shape[-2:])
+    if saliency.shape[0] != b:
+        raise ValueError(f"got {saliency.shape[0]} saliency maps for {b} images")
+    if not same_aspect(tuple(saliency.shape[-2:]), (h, w)):
+        raise ValueError(
+            f"saliency maps of {saliency.shape[-2]}×{saliency.shape[-1]} do not fit images of "
+            f"{h}×{w} (another aspect ratio)"
+        )
+
+
 def check_finite(saliency: Tensor) -> None:
     if not bool(torch.isfinite(saliency).all()):
         raise ValueError("saliency contains NaN or infinite values")

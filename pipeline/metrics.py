@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .maps import as_bhw, as_float, check_finite, resize_maps
+from .maps import as_bhw, as_float, check_finite, check_fits, resize_maps
 from .pointing import pointing_energy, pointing_hits, pointing_points
 from .seeding import image_seed
 
@@ -225,8 +225,7 @@ def perturbation_curves(
     _check_images(images)
     b, _, h, w = images.shape
     saliency = as_bhw(saliency)
-    if saliency.shape[0] != b:
-        raise ValueError(f"got {saliency.shape[0]} saliency maps for {b} images")
+    check_fits(saliency, images)
     device = images.device
     targets = _targets_tensor(targets, b, device)
     hw = h * w

@@ -37,12 +37,23 @@ from .report import (
     summary_table,
 )
 from .runfile import RunFile, read_failures
-from .visualize import curves_figure, localization_figure, saliency_panel, thumbnails
+from .visualize import (
+    curves_figure,
+    localization_figure,
+    saliency_panel,
+    sanity_figure,
+    thumbnails,
+)
 
 SUMMARY_MD = "summary.md"
 CURVES_PNG = "curves.png"
 LOCALIZATION_CSV = "localization.csv"
 LOCALIZATION_PNG = "localization.png"
+SANITY_CSV = "sanity.csv"
+SANITY_SUMMARY_CSV = "sanity_summary.csv"
+SANITY_PNG = "sanity.png"
+REPEATABILITY_CSV = "repeatability.csv"
+REPEATABILITY_SUMMARY_CSV = "repeatability_summary.csv"
 GALLERY_PAGE = "index.html"
 THUMB_DIR = "thumbs"
 JPEG_QUALITY = 85  # about 6 KiB a 160-px photo thumbnail, against 32 KiB as PNG
@@ -126,6 +137,21 @@ def write_run_reports(
     if failures_name is None:
         return len(read_failures(masks_file))
     return len(write_failures_csv(masks_file, out / failures_name))
+
+
+def write_sanity(out: Path, table: pd.DataFrame, summary: pd.DataFrame, title: str) -> list[Path]:
+    """`mpbatch sanity`'s files: the per-image table, the per-stage summary and its plot."""
+    table.to_csv(out / SANITY_CSV, index=False)
+    summary.to_csv(out / SANITY_SUMMARY_CSV, index=False)
+    save_figure(sanity_figure(summary, title), out / SANITY_PNG)
+    return [out / SANITY_CSV, out / SANITY_SUMMARY_CSV, out / SANITY_PNG]
+
+
+def write_repeatability(out: Path, per_image: pd.DataFrame, summary: pd.DataFrame) -> list[Path]:
+    """`mpbatch sanity --repeat K`'s per-image and summary tables."""
+    per_image.to_csv(out / REPEATABILITY_CSV, index=False)
+    summary.to_csv(out / REPEATABILITY_SUMMARY_CSV, index=False)
+    return [out / REPEATABILITY_CSV, out / REPEATABILITY_SUMMARY_CSV]
 
 
 def write_comparison(table: pd.DataFrame, output: Path) -> Path:

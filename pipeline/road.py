@@ -50,6 +50,7 @@ from scipy.sparse import coo_matrix, csc_matrix
 from scipy.sparse.linalg import spsolve
 from torch import Tensor
 
+from .maps import as_bhw, check_fits
 from .metrics import saliency_order
 
 ROAD_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -311,6 +312,9 @@ def road_curves(
     time.
     """
     b, c, h, w = images.shape
+    check_fits(as_bhw(saliency), images)
+    if len(seeds) != b:
+        raise ValueError(f"got {len(seeds)} seeds for {b} images")
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     rank = _ranks(saliency, (h, w))  # one sort for every fraction and order
     removed = torch.stack(

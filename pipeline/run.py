@@ -46,6 +46,7 @@ from .models import NormalizedClassifier, load_model
 from .optimize import SpeedOptions
 from .outdir import hold, prepare_out
 from .outputs import write_run_reports, write_summary
+from .randomisation import network_of, randomise
 from .scoring import check_labels, evaluate_batch, image_columns
 from .shards import Shard, all_shards_complete, merge_once, output_names, resolve_shard
 from .stopping import Interrupted, StopRequested, StopSignals
@@ -133,7 +134,10 @@ def _start(options, samples, layout, shard, masks_file, stop) -> tuple[_Job, lis
     listing = Listing.of(options.data, [s.path for s in samples])
     part = shard_positions(listing.paths, shard.rank, shard.world)
     device = pick_device(options.device, shard.local_rank)
-    model = load_model(options.model, options.weights).to(device)
+    model = load_model(options.model, options.weights)
+    if options.randomised:  # before .to(device): the same weights on every device
+        randomise(network_of(model), options.randomised, options.randomisation_seed)
+    model = model.to(device)
     settings = method.resolve_settings(options.mask_settings(), model)
     areas = getattr(settings, "areas", None)  # a method with several masks per image
     if options.area is not None and (areas is None or not 0 <= options.area < len(areas)):
@@ -179,6 +183,11 @@ def _record(options, settings, layout, speed, device, shard, model) -> RunRecord
         scoring=None if evaluation is None else evaluation.settings(),
         speed={**speed.to_dict(), "device": device.type},  # CPU and CUDA noise differ
         shard={"rank": shard.rank, "world": shard.world},
+        randomised=(
+            {"modules": list(options.randomised), "seed": options.randomisation_seed}
+            if options.randomised
+            else None
+        ),
         preset=options.preset,
         name=options.name or options.method,
         evaluation=None if evaluation is None else evaluation.describe(options.method),

@@ -31,6 +31,7 @@ __all__ = [
     "localization_figure",
     "saliency_overlay",
     "saliency_panel",
+    "sanity_figure",
     "thumbnail",
     "thumbnail_size",
     "thumbnails",
@@ -222,6 +223,36 @@ def localization_figure(errors: Any, title: str = "") -> Figure:
     fig.axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+SANITY_MEASURES = {"spearman": "Spearman rank correlation", "ssim": "SSIM", "hog": "HOG Pearson r"}
+
+
+def sanity_figure(summary: Any, title: str = "") -> Figure:
+    """Similarity to the original map against the stage of cascading randomisation, one line
+    per measure with its 95% interval; `summary` is sanity.sanity_summary's table (stage,
+    layer, and per measure its mean, _low and _high). The x axis names each stage's layer."""
+    fig = Figure(figsize=(max(5.0, 0.45 * len(summary) + 2.0), 3.8), dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(summary))
+    for measure, label in SANITY_MEASURES.items():
+        if measure not in summary:
+            continue
+        axes.plot(x, summary[measure], marker="o", label=label)
+        axes.fill_between(x, summary[f"{measure}_low"], summary[f"{measure}_high"], alpha=0.2)
+    axes.axhline(0.0, color="grey", linewidth=0.8)
+    axes.set_xticks(x)
+    axes.set_xticklabels([str(layer) for layer in summary["layer"]], rotation=60, ha="right")
+    axes.set_xlabel("randomised down to (cumulative, from the top)")
+    axes.set_ylabel("similarity to the original map")
+    axes.set_ylim(-0.5, 1.05)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    if title:
+        axes.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
 

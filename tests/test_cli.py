@@ -336,6 +336,21 @@ def test_evaluate_baseline_and_bad_sources(class_folders, tmp_path) -> None:
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "maps.npy" in lines[0] and paths[2] in lines[0], lines
 
+    # a map whose shape fits neither its image (40×48) nor the model input (32×32) would be
+    # stretched over it: one line naming the file, the image and both shapes
+    np.save(tmp_path / "wide.npy", np.random.default_rng(1).random((len(paths), 8, 24)))
+    args = [str(tmp_path / "wide.npy"), "--paths", str(tmp_path / "paths.txt")]
+    result = CliRunner().invoke(main, ["evaluate", *args, "-o", str(tmp_path / "w"), *common])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "wide.npy" in lines[0] and paths[0] in lines[0], lines
+    assert "8×24" in lines[0] and "40×48" in lines[0] and "32×32" in lines[0], lines
+    # a map at the image's own aspect ratio (10×12 for 40×48) is taken
+    np.save(tmp_path / "own.npy", np.random.default_rng(1).random((len(paths), 10, 12)))
+    args = [str(tmp_path / "own.npy"), "--paths", str(tmp_path / "paths.txt")]
+    result = CliRunner().invoke(main, ["evaluate", *args, "-o", str(tmp_path / "o"), *common])
+    assert result.exit_code == 0, result.output
+
 
 def test_extremal_method_end_to_end(class_folders, tmp_path) -> None:
     out = tmp_path / "out"

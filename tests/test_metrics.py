@@ -510,3 +510,14 @@ def test_cuda_matches_cpu():
     assert torch.equal(
         M.saliency_order(sal.cuda(), (16, 16)).cpu(), M.saliency_order(sal, (16, 16))
     )
+
+
+def test_curves_refuse_maps_that_would_be_stretched_over_their_images():
+    model = tiny_conv_model()
+    images, targets = torch.rand(2, 3, 16, 24), [0, 1]
+    with pytest.raises(ValueError, match=r"saliency maps of 4×4 do not fit images of 16×24"):
+        M.perturbation_curves(model, images, torch.rand(2, 4, 4), targets, mode="deletion")
+    with pytest.raises(ValueError, match="1 saliency maps for 2 images"):
+        M.perturbation_curves(model, images, torch.rand(1, 16, 24), targets, mode="deletion")
+    curves = M.perturbation_curves(model, images, torch.rand(2, 2, 3), targets, mode="deletion")
+    assert curves.shape[0] == 2 and bool(torch.isfinite(curves).all())

@@ -214,6 +214,19 @@ def test_curves_do_not_depend_on_the_batch():
     torch.testing.assert_close(together["lerf"][1:2], alone["lerf"], atol=1e-6, rtol=0)
 
 
+def test_curves_refuse_maps_that_do_not_fit_and_bad_fractions():
+    model = _Scores().eval()
+    images, targets = _images(2, seed=8), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"saliency maps of 10×6 do not fit images of 20×24"):
+        road_curves(model, images, torch.rand(2, 10, 6), targets, [1, 2])
+    with pytest.raises(ValueError, match="3 saliency maps for 2 images"):
+        road_curves(model, images, torch.rand(3, 20, 24), targets, [1, 2])
+    with pytest.raises(ValueError, match=r"in \(0, 1\), got 1.0"):
+        road_curves(model, images, torch.rand(2, 5, 6), targets, [1, 2], fractions=(0.5, 1.0))
+    curves = road_curves(model, images, torch.rand(2, 5, 6), targets, [1, 2], fractions=(0.5,))
+    assert curves["morf"].shape == (2, 1)  # a coarse map of the images' aspect is upsampled
+
+
 # ------------------------------------------------------------------ through `mpbatch run`
 def test_run_with_road_reports_every_map(tmp_path):
     from click.testing import CliRunner

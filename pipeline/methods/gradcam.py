@@ -93,7 +93,16 @@ class GradCam(Method):
     option_help = {"layer": "Grad-CAM: the layer to read (default: by model family)."}
 
     def resolve_settings(self, settings: GradCamSettings, model: nn.Module) -> GradCamSettings:
-        return settings if settings.layer else settings.replace(layer=default_layer(model))
+        """The default layer filled in; SettingsError when --layer names no module."""
+        if not settings.layer:
+            return settings.replace(layer=default_layer(model))
+        modules = dict(_network(model).named_modules())
+        if settings.layer not in modules:
+            convolutions = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+            hint = f"; its last Conv2d is {convolutions[-1]!r}" if convolutions else ""
+            name = getattr(model, "name", "the model")
+            raise SettingsError(f"--layer {settings.layer!r} is not a module of {name}{hint}")
+        return settings
 
     def explain(
         self,
