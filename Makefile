@@ -24,6 +24,10 @@ $(VENV)/.installed: pyproject.toml
 	# test-only reference for ROAD: grad-cam's port of road_evaluation's imputer (tests/test_road.py
 	# loads that one file; the package's own imports, OpenCV and ttach, are not needed)
 	$(BIN)/pip install --quiet --no-deps grad-cam==1.5.7
+	# test-only reference for the sanity check: Quantus's MPRT (tests/test_randomisation.py).
+	# Its pins name opencv-python (GUI build); the headless build gives the same cv2 module
+	$(BIN)/pip install --quiet --no-deps quantus==0.6.0
+	$(BIN)/pip install --quiet opencv-python-headless scikit-learn cachetools
 	touch $@
 
 test: install

@@ -10,7 +10,7 @@ set -u
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 SAMPLE=${SAMPLE:-$HERE/../shared/data/imagenet-val-sample}
 RUNS=${1:-/work/runs/sanity20}
-MPBATCH="nice -n 10 $HERE/.venv/bin/mpbatch"
+MPBATCH=${MPBATCH:-"nice -n 10 $HERE/.venv/bin/mpbatch"}
 # repeats are scored with deletion/insertion at 1792 px a step (as road100.sh) and ROAD
 COMMON="--limit 20 --repeat 3 --road --step 1792 --batch-size 8 --workers 1 --quiet"
 for name in gradcam seed; do

@@ -237,15 +237,19 @@ def sanity_figure(summary: Any, title: str = "") -> Figure:
     fig = Figure(figsize=(max(5.0, 0.45 * len(summary) + 2.0), 3.8), dpi=DPI)
     FigureCanvasAgg(fig)
     axes = fig.add_subplot(1, 1, 1)
-    x = np.arange(len(summary))
+    x = np.arange(1, len(summary) + 1)
     for measure, label in SANITY_MEASURES.items():
         if measure not in summary:
             continue
-        axes.plot(x, summary[measure], marker="o", label=label)
+        line = axes.plot(x, summary[measure], marker="o", label=label)[0]
         axes.fill_between(x, summary[f"{measure}_low"], summary[f"{measure}_high"], alpha=0.2)
+        # the trained model's maps against themselves: 1 by definition, drawn to read from
+        axes.plot([0, 1], [1.0, summary[measure].iloc[0]], linestyle=":", color=line.get_color())
+    axes.plot([0], [1.0], marker="o", color="grey")
     axes.axhline(0.0, color="grey", linewidth=0.8)
-    axes.set_xticks(x)
-    axes.set_xticklabels([str(layer) for layer in summary["layer"]], rotation=60, ha="right")
+    axes.set_xticks(np.arange(len(summary) + 1))
+    labels = ["none (trained)", *(str(layer) for layer in summary["layer"])]
+    axes.set_xticklabels(labels, rotation=60, ha="right")
     axes.set_xlabel("randomised down to (cumulative, from the top)")
     axes.set_ylabel("similarity to the original map")
     axes.set_ylim(-0.5, 1.05)
