@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from bench_resume import cpu_name  # noqa: E402
+
 from pipeline.runfile import read_attrs  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

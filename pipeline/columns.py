@@ -39,6 +39,16 @@ class Column:
         return {"lower": " ↓", "higher": " ↑"}.get(self.better or "", "")
 
 
+# `mpbatch sanity`'s measures of how alike a randomised model's map is to the trained one's
+# (pipeline.similarity); lower is better: the map follows the weights that made the decision
+SANITY_MEASURES = (
+    Column("spearman", "Spearman rank correlation", "lower"),
+    Column("ssim", "SSIM", "lower"),
+    Column("hog", "HOG Pearson r", "lower"),
+)
+# repeatability: the maps of one image under K seeds, the mean Pearson r over pairs
+REPEATABILITY = Column("pearson_r", "mean pairwise Pearson r over seeds", "higher")
+
 # The metrics every scored map gets (pipeline.scoring), in report order.
 MAP_METRICS = (
     Column("deletion_auc", "deletion AUC", "lower", key=True),

@@ -33,10 +33,10 @@ def resize_maps(saliency: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def same_aspect(map_size: tuple[int, int], image_size: tuple[int, int]) -> bool:
-    """Whether an h×w map covers an H×W image without stretching: h/w = H/W, up to the
-    rounding of a coarse grid (h = round(w·H/W) or w = round(h·W/H))."""
+    """Whether an h×w map covers an H×W image without stretching: h/w = H/W to within one
+    cell of the map (|h − w·H/W| ≤ 1 or |w − h·W/H| ≤ 1), as a coarse grid's rounding gives."""
     (h, w), (big_h, big_w) = (int(v) for v in map_size), (int(v) for v in image_size)
-    return h == round(w * big_h / big_w) or w == round(h * big_w / big_h)
+    return abs(h - w * big_h / big_w) <= 1.0 or abs(w - h * big_w / big_h) <= 1.0
 
 
 def check_fits(saliency: Tensor, images: Tensor) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .columns import MAP_METRICS
+from .columns import MAP_METRICS, REPEATABILITY, SANITY_MEASURES
 from .configuration import RunOptions
 from .errors import SettingsError
 from .methods import get_method
@@ -48,7 +48,7 @@ from .randomisation import (
 from .report import bootstrap_ci
 from .run import run as explain_run
 from .runfile import RunFile
-from .similarity import MEASURES, mean_pairwise_pearson, similarities
+from .similarity import mean_pairwise_pearson, similarities
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ ORIGINAL_DIR = "original"
 STAGES_DIR = "stages"
 REPEATS_DIR = "repeats"
 # the curve areas whose spread over seeds repeatability reports, where the runs scored them
+MEASURES = tuple(column.name for column in SANITY_MEASURES)
 SPREAD_METRICS = tuple(
     c.name for c in MAP_METRICS if c.name.endswith(("_auc", "_area")) or c.name == "road_gap"
 )
@@ -254,8 +255,9 @@ def repeatability_tables(runs: list[RunFile]) -> tuple[pd.DataFrame, pd.DataFram
             for r, rows in zip(runs, rows_of, strict=True)
         ]
     )
-    per_image = pd.DataFrame({"path": paths, "pearson_r": mean_pairwise_pearson(maps)})
-    summary = [_summary_row("pearson_r", per_image["pearson_r"].to_numpy(), None)]
+    r = REPEATABILITY.name
+    per_image = pd.DataFrame({"path": paths, r: mean_pairwise_pearson(maps)})
+    summary = [_summary_row(r, per_image[r].to_numpy(), None)]
     for metric in SPREAD_METRICS:
         if not all(metric in r.columns for r in runs):
             continue

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-MEASURES = ("spearman", "ssim", "hog")  # the sanity check's, in its CSV's column order
 SSIM_WINDOW = 7
 
 

@@ -23,6 +23,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 
+from .columns import SANITY_MEASURES
 from .metrics import auc
 
 __all__ = [
@@ -227,9 +228,6 @@ def localization_figure(errors: Any, title: str = "") -> Figure:
     return fig
 
 
-SANITY_MEASURES = {"spearman": "Spearman rank correlation", "ssim": "SSIM", "hog": "HOG Pearson r"}
-
-
 def sanity_figure(summary: Any, title: str = "") -> Figure:
     """Similarity to the original map against the stage of cascading randomisation, one line
     per measure with its 95% interval; `summary` is sanity.sanity_summary's table (stage,
@@ -238,7 +236,7 @@ def sanity_figure(summary: Any, title: str = "") -> Figure:
     FigureCanvasAgg(fig)
     axes = fig.add_subplot(1, 1, 1)
     x = np.arange(1, len(summary) + 1)
-    for measure, label in SANITY_MEASURES.items():
+    for measure, label in ((c.name, c.label) for c in SANITY_MEASURES):
         if measure not in summary:
             continue
         line = axes.plot(x, summary[measure], marker="o", label=label)[0]
