@@ -11,6 +11,7 @@ import torch
 from .comparisons import MapRequest, comparison_maps, get_comparison
 from .configuration import EvalOptions, eval_batch_size_for
 from .datasets import DatasetError, Sample
+from .folding import scoring_model
 from .localization import localization_columns
 from .metrics import score_saliency
 from .models import NormalizedClassifier, channels_last_on_cpu
@@ -160,10 +161,11 @@ def evaluate_batch(
         "on_chunk": on_chunk,
     }
     model = model.eval()
-    with channels_last_on_cpu(model, images.device):
+    scorer = scoring_model(model, images[:2])  # batch norm folded: the same logits, sooner
+    with channels_last_on_cpu(scorer, images.device):
         road = image_seeds(evaluation.seed, keys) if evaluation.road else None
         columns = _map_columns(
-            model, images, saliency, targets, boxes, sizes, options, road_seeds=road
+            scorer, images, saliency, targets, boxes, sizes, options, road_seeds=road
         )
         coverage = box_coverage(boxes, sizes).numpy()
         columns["box_coverage"] = coverage
@@ -171,13 +173,14 @@ def evaluate_batch(
             np.isnan(coverage), np.nan, coverage < SMALL_OBJECT_COVERAGE
         )
         grid = baseline_size or tuple(saliency.shape[-2:])
+        # comparison maps come from the model itself (Grad-CAM reads a layer folding changes)
         request = MapRequest(model, images, targets, keys, grid, evaluation.seed)
         for name in evaluation.baselines:
             other = comparison_maps(name, request)
             pointing = get_comparison(name).points
             points = pointing(sizes) if pointing is not None else None
             scores = _map_columns(
-                model, images, other, targets, boxes, sizes, options, points, road_seeds=road
+                scorer, images, other, targets, boxes, sizes, options, points, road_seeds=road
             )
             columns.update({f"{name}_{k}": v for k, v in scores.items()})
     return columns
