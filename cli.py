@@ -181,6 +181,15 @@ def _evaluation_options(function):
                 "Default: the method's (0.09 for extremal, else 0).",
             ),
             click.option(
+                "--eval-precision",
+                type=click.Choice(["auto", "fp32", "bf16"]),
+                default="auto",
+                show_default=True,
+                help="The scoring forwards in bf16 autocast or fp32; auto: bf16 only where "
+                "the masks' auto picks it and the model family passed the fidelity check "
+                "(benchmarks/eval_precision_fidelity.py), else fp32.",
+            ),
+            click.option(
                 "--road",
                 is_flag=True,
                 help="Also score ROAD (Rong et al. 2022): MoRF and LeRF curves at 10%..90% "
@@ -226,6 +235,7 @@ def _eval_options(options: dict):
         baselines=tuple(b for b in baselines.split(",") if b and b != "none"),
         smooth=options.pop("smooth"),
         road=options.pop("road"),
+        precision=options.pop("eval_precision"),
     )
 
 

@@ -23,7 +23,7 @@ from .comparisons import comparison_names
 from .errors import SettingsError
 from .methods import DEFAULT_METHOD, get_method, method_for_preset
 from .metrics import CurveProtocol
-from .optimize import SpeedOptions
+from .optimize import SpeedOptions, resolve_precision
 from .pointing import SMALL_OBJECT_COVERAGE
 from .road import ROAD_FRACTIONS, ROAD_NOISE, describe_road
 
@@ -38,6 +38,25 @@ CUDA_EVAL_BATCH_SIZE = 128
 def eval_batch_size_for(device: torch.device) -> int:
     """The default number of step images per scoring forward pass on `device`."""
     return CUDA_EVAL_BATCH_SIZE if device.type == "cuda" else CPU_EVAL_BATCH_SIZE
+
+
+EVAL_PRECISIONS = ("auto", "fp32", "bf16")
+# Model families whose bf16 scoring kept |ΔAUC| against fp32 within mean 0.002 and max 0.01
+# on the sample's first 100 images (benchmarks/eval_precision_fidelity.py,
+# benchmarks/results/eval_precision_fidelity.csv). Unmeasured families score in fp32.
+EVAL_BF16_FAMILIES: tuple[str, ...] = ()
+
+
+def resolve_eval_precision(requested: str, device: torch.device | str, model_name: str) -> str:
+    """The scoring forwards' precision: an explicit choice as it is; "auto" is bf16 only where
+    the masks' "auto" also picks bf16 for this device and model (bf16 is native there, see
+    optimize.resolve_precision) and the family passed the fidelity check (EVAL_BF16_FAMILIES),
+    else fp32."""
+    if requested != "auto":
+        return requested
+    family = any(model_name.lower().startswith(f) for f in EVAL_BF16_FAMILIES)
+    native = resolve_precision(device, model_name) == "bf16"
+    return "bf16" if family and native else "fp32"
 
 
 def comparisons() -> tuple[str, ...]:
@@ -61,12 +80,23 @@ class EvalOptions:
     seed: int = 0  # of the random baseline and of ROAD's imputation noise
     smooth: float | None = None
     road: bool = False  # also ROAD's MoRF/LeRF curves (pipeline.road)
+    # the scoring forwards: "fp32", "bf16" (autocast) or "auto" (resolve_eval_precision)
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         known = comparisons()
         unknown = [b for b in self.baselines if b not in known]
         if unknown:
             raise SettingsError(f"unknown baseline {unknown[0]!r}; choose from {', '.join(known)}")
+        if self.precision not in EVAL_PRECISIONS:
+            raise SettingsError(
+                f"--eval-precision {self.precision}: choose from {', '.join(EVAL_PRECISIONS)}"
+            )
+
+    def resolved(self, device: torch.device | str, model_name: str) -> EvalOptions:
+        """These options with "auto" precision resolved for the device and model."""
+        precision = resolve_eval_precision(self.precision, device, model_name)
+        return dataclasses.replace(self, precision=precision)
 
     def for_method(self, method: str | None) -> EvalOptions:
         """These options with `smooth` resolved and the method itself not among the rows."""
@@ -88,6 +118,8 @@ class EvalOptions:
         }
         if self.road:  # absent when off: runs from before ROAD resume as they were
             settings["road"] = {"fractions": list(ROAD_FRACTIONS), "noise": ROAD_NOISE}
+        if self.precision == "bf16":  # absent for fp32: earlier runs resume as they were
+            settings["precision"] = "bf16"
         return settings
 
     def protocol(self) -> CurveProtocol:
@@ -125,6 +157,11 @@ class EvalOptions:
             "baselines": list(self.baselines),
             "random_seed": self.seed,
             **({"road": describe_road()} if self.road else {}),
+            **(
+                {"precision": "bf16 autocast of the scoring forwards (probabilities in fp32)"}
+                if self.precision == "bf16"
+                else {}
+            ),
         }
 
 

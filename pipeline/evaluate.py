@@ -232,7 +232,9 @@ def _model_and_record(options, source, data: Path, chosen: list[Sample]):
     config = source.config
     model_name = options.model or config.get("model") or "efficientnet_lite0"
     weights = options.weights if options.model else config.get("weights", options.weights)
-    model = load_model(model_name, weights).to(pick_device(options.device))
+    device = pick_device(options.device)
+    model = load_model(model_name, weights).to(device)
+    options.evaluation = options.evaluation.resolved(device, model_name)
     if options.target == "label" and source.targets is None:
         check_labels(chosen, len(model.class_names), model_name)
     record = EvaluationRecord(

@@ -219,6 +219,28 @@ def load_model(
     return wrapper
 
 
+class Bf16Forward(nn.Module):
+    """`model` with its forward under bf16 autocast on the input's device, logits returned in
+    float32; mean and std (pixel units) are the model's, so perturbation substrates stay the
+    same. Scoring's `--eval-precision bf16`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.model.mean
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.model.std
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(pixels.device.type, dtype=torch.bfloat16):
+            return self.model(pixels).float()
+
+
 @contextlib.contextmanager
 def channels_last_on_cpu(model: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
     """Run the block with the model's weights in channels_last when ``device`` is the CPU.

@@ -134,6 +134,10 @@ def _start(options, samples, layout, shard, masks_file, stop) -> tuple[_Job, lis
     listing = Listing.of(options.data, [s.path for s in samples])
     part = shard_positions(listing.paths, shard.rank, shard.world)
     device = pick_device(options.device, shard.local_rank)
+    if options.evaluation is not None:  # "auto" scoring precision, for this device and model
+        options = dataclasses.replace(
+            options, evaluation=options.evaluation.resolved(device, options.model)
+        )
     model = load_model(options.model, options.weights)
     if options.randomised:  # before .to(device): the same weights on every device
         randomise(network_of(model), options.randomised, options.randomisation_seed)

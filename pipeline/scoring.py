@@ -9,12 +9,12 @@ import numpy as np
 import torch
 
 from .comparisons import MapRequest, comparison_maps, get_comparison
-from .configuration import EvalOptions, eval_batch_size_for
+from .configuration import EvalOptions, eval_batch_size_for, resolve_eval_precision
 from .datasets import DatasetError, Sample
 from .folding import scoring_model
 from .localization import localization_columns
 from .metrics import score_saliency
-from .models import NormalizedClassifier, channels_last_on_cpu
+from .models import Bf16Forward, NormalizedClassifier, channels_last_on_cpu
 from .pointing import (
     SMALL_OBJECT_COVERAGE,
     TORCHRAY_POINTING_SMOOTH,
@@ -162,6 +162,11 @@ def evaluate_batch(
     }
     model = model.eval()
     scorer = scoring_model(model, images[:2])  # batch norm folded: the same logits, sooner
+    precision = resolve_eval_precision(
+        evaluation.precision, images.device, getattr(model, "name", "")
+    )
+    if precision == "bf16":
+        scorer = Bf16Forward(scorer)
     with channels_last_on_cpu(scorer, images.device):
         road = image_seeds(evaluation.seed, keys) if evaluation.road else None
         columns = _map_columns(

@@ -61,3 +61,54 @@ def test_every_map_gets_curves_pointing_and_localization() -> None:
 def test_scoring_batch_defaults_to_the_device() -> None:
     assert eval_batch_size_for(torch.device("cpu")) == CPU_EVAL_BATCH_SIZE == 1
     assert eval_batch_size_for(torch.device("cuda")) == 128
+
+
+def test_eval_precision_bf16_scores_through_autocast_and_auto_needs_both_gates(
+    monkeypatch,
+) -> None:
+    from pipeline import configuration
+    from pipeline.configuration import resolve_eval_precision
+    from pipeline.errors import SettingsError
+    from pipeline.metrics import auc, perturbation_curves
+    from pipeline.models import Bf16Forward
+
+    generator = torch.Generator().manual_seed(4)
+    images = torch.rand(2, 3, 32, 32, generator=generator)
+    saliency = torch.rand(2, 32, 32, generator=generator)
+    targets = torch.tensor([1, 2])
+    samples = [Sample("a.png", 1), Sample("b.png", 2)]
+    sizes = [(32, 32)] * 2
+    scored = {
+        p: evaluate_batch(
+            _tiny(),
+            images,
+            saliency,
+            targets,
+            samples,
+            sizes,
+            EvalOptions(step=64, baselines=(), precision=p),
+        )
+        for p in ("fp32", "bf16")
+    }
+    # bf16 is the curves of the model under autocast, computed here directly
+    model = Bf16Forward(_tiny())
+    for mode in ("deletion", "insertion"):
+        curves = perturbation_curves(
+            model, images, saliency, targets, mode=mode, protocol=EvalOptions(step=64).protocol()
+        )
+        np.testing.assert_allclose(scored["bf16"][f"{mode}_auc"], auc(curves), atol=1e-6)
+    difference = np.abs(scored["bf16"]["deletion_curve"] - scored["fp32"]["deletion_curve"])
+    assert 0 < difference.max() < 0.05  # rounding, not another protocol
+    assert EvalOptions(precision="bf16").settings()["precision"] == "bf16"
+    assert "precision" not in EvalOptions(precision="fp32").settings()  # old runs resume
+
+    assert resolve_eval_precision("bf16", "cpu", "tiny") == "bf16"
+    assert resolve_eval_precision("auto", "cpu", "efficientnet_lite0") in ("fp32", "bf16")
+    monkeypatch.setattr(configuration, "EVAL_BF16_FAMILIES", ("tiny",))
+    monkeypatch.setattr(configuration, "resolve_precision", lambda device, name: "fp32")
+    assert resolve_eval_precision("auto", "cpu", "tiny") == "fp32"  # bf16 not native here
+    monkeypatch.setattr(configuration, "resolve_precision", lambda device, name: "bf16")
+    assert resolve_eval_precision("auto", "cpu", "tiny") == "bf16"
+    assert resolve_eval_precision("auto", "cpu", "resnet50") == "fp32"  # family unmeasured
+    with np.testing.assert_raises(SettingsError):
+        EvalOptions(precision="fp16")
