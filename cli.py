@@ -190,6 +190,14 @@ def _evaluation_options(function):
                 "(benchmarks/eval_precision_fidelity.py), else fp32.",
             ),
             click.option(
+                "--comparison-cache",
+                type=click.Path(file_okay=False, path_type=Path),
+                default=None,
+                help="Keep the comparison rows' scores in this folder and reuse them in any "
+                "later run on the same images, model and protocol (never a stale entry: see "
+                "pipeline/comparison_cache.py).",
+            ),
+            click.option(
                 "--road",
                 is_flag=True,
                 help="Also score ROAD (Rong et al. 2022): MoRF and LeRF curves at 10%..90% "
@@ -236,6 +244,7 @@ def _eval_options(options: dict):
         smooth=options.pop("smooth"),
         road=options.pop("road"),
         precision=options.pop("eval_precision"),
+        comparison_cache=options.pop("comparison_cache"),
     )
 
 

@@ -82,6 +82,9 @@ class EvalOptions:
     road: bool = False  # also ROAD's MoRF/LeRF curves (pipeline.road)
     # the scoring forwards: "fp32", "bf16" (autocast) or "auto" (resolve_eval_precision)
     precision: str = "auto"
+    # a folder of comparison scores kept across runs (pipeline.comparison_cache); it never
+    # changes a score, so it is no part of settings()
+    comparison_cache: Path | None = None
 
     def __post_init__(self) -> None:
         known = comparisons()

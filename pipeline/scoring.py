@@ -3,11 +3,14 @@ a saliency map beside its comparison rows. Shared by `run` and `evaluate`."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .comparison_cache import ComparisonCache, model_digest
 from .comparisons import MapRequest, comparison_maps, get_comparison
 from .configuration import EvalOptions, eval_batch_size_for, resolve_eval_precision
 from .datasets import DatasetError, Sample
@@ -180,12 +183,89 @@ def evaluate_batch(
         grid = baseline_size or tuple(saliency.shape[-2:])
         # comparison maps come from the model itself (Grad-CAM reads a layer folding changes)
         request = MapRequest(model, images, targets, keys, grid, evaluation.seed)
+        cache = _cache(evaluation, model, images, grid, options)
         for name in evaluation.baselines:
-            other = comparison_maps(name, request)
-            pointing = get_comparison(name).points
-            points = pointing(sizes) if pointing is not None else None
-            scores = _map_columns(
-                scorer, images, other, targets, boxes, sizes, options, points, road_seeds=road
-            )
+            batch = _Batch(request, scorer, boxes, sizes, options, road)
+            scores = _cached_scores(name, batch, cache) if cache else _scores(name, batch)
             columns.update({f"{name}_{k}": v for k, v in scores.items()})
     return columns
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """What scoring a comparison for (some images of) a batch needs."""
+
+    request: MapRequest
+    scorer: torch.nn.Module
+    boxes: list
+    sizes: list
+    options: dict
+    road: list[int] | None
+
+    def subset(self, rows: list[int]) -> _Batch:
+        request = dataclasses.replace(
+            self.request,
+            images=self.request.images[rows],
+            targets=self.request.targets[rows],
+            keys=[self.request.keys[i] for i in rows],
+        )
+        return _Batch(
+            request,
+            self.scorer,
+            [self.boxes[i] for i in rows],
+            [self.sizes[i] for i in rows],
+            self.options,
+            None if self.road is None else [self.road[i] for i in rows],
+        )
+
+
+def _scores(name: str, batch: _Batch) -> dict[str, np.ndarray]:
+    """A comparison's maps for the batch and their metric columns."""
+    request = batch.request
+    maps = comparison_maps(name, request)
+    pointing = get_comparison(name).points
+    points = pointing(batch.sizes) if pointing is not None else None
+    return _map_columns(
+        batch.scorer,
+        request.images,
+        maps,
+        request.targets,
+        batch.boxes,
+        batch.sizes,
+        batch.options,
+        points,
+        road_seeds=batch.road,
+    )
+
+
+def _cache(evaluation, model, images, grid, options) -> ComparisonCache | None:
+    """The comparison cache for this model, protocol and device (None without a folder)."""
+    if evaluation.comparison_cache is None:
+        return None
+    protocol = {k: v for k, v in evaluation.settings().items() if k != "baselines"}
+    context = {
+        "model": model_digest(model),
+        "protocol": protocol,
+        "eval_batch_size": options["eval_batch_size"],
+        "grid": list(grid),
+        "device": images.device.type,
+    }
+    return ComparisonCache(evaluation.comparison_cache, context)
+
+
+def _cached_scores(name: str, batch: _Batch, cache: ComparisonCache) -> dict[str, np.ndarray]:
+    """_scores, with each image's columns read from the cache where an entry exists and
+    written to it where not."""
+    request = batch.request
+    keys = [
+        cache.key(name, path, request.images[i], batch.sizes[i], int(request.targets[i]), box)
+        for i, (path, box) in enumerate(zip(request.keys, batch.boxes, strict=True))
+    ]
+    found = [cache.get(key) for key in keys]
+    missing = [i for i, entry in enumerate(found) if entry is None]
+    if missing:
+        computed = _scores(name, batch.subset(missing))
+        for j, i in enumerate(missing):
+            found[i] = {column: np.asarray(values[j]) for column, values in computed.items()}
+            cache.put(keys[i], found[i])
+    return {column: np.stack([entry[column] for entry in found]) for column in found[0]}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import pytest
 import torch
 import torchvision
 from timm.layers import BatchNormAct2d
