@@ -51,7 +51,8 @@ def model_digest(model: torch.nn.Module) -> str:
     digest = hashlib.sha256(str(getattr(model, "name", type(model).__name__)).encode())
     for name, tensor in tensors:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d counters too
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
     value = digest.hexdigest()
     _MODEL_DIGESTS[model] = (versions, value)
     return value

@@ -132,3 +132,17 @@ def test_an_unreadable_entry_is_scored_again(batch, counted, tmp_path, caplog) -
     assert dataclasses.replace(EvalOptions(), comparison_cache=tmp_path).settings() == (
         EvalOptions().settings()
     )  # the cache never changes what a run records as its protocol
+
+
+def test_the_model_digest_covers_every_tensor_and_follows_in_place_writes() -> None:
+    import torchvision
+
+    from pipeline.comparison_cache import model_digest
+
+    model = torchvision.models.resnet18(num_classes=4).eval()  # 0-d BatchNorm counters too
+    before = model_digest(model)
+    assert model_digest(model) == before
+    with torch.no_grad():
+        model.layer4[1].bn2.running_var.mul_(2.0)  # a buffer, not a parameter
+    assert model_digest(model) != before
+    assert model_digest(torchvision.models.resnet18(num_classes=4)) != model_digest(model)
