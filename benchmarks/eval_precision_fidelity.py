@@ -6,7 +6,8 @@ models.Bf16Forward), per image, on the sample's first images.
 
 The maps are Grad-CAM's (deterministic, one forward and backward), made once in float32.
 Both scorings use what scoring.evaluate_batch uses (batch norm folded, channels_last on the
-CPU). Writes benchmarks/results/eval_precision_fidelity_images.csv (per image) and appends
+CPU). Appends to benchmarks/results/eval_precision_fidelity_images.csv (per image, as it
+goes: a killed run resumes where it stopped) and appends
 a summary row to eval_precision_fidelity.csv: mean and max |ΔAUC|, whether the family meets
 the gate of configuration.EVAL_BF16_FAMILIES (mean ≤ 0.002 and max ≤ 0.01 for both curves),
 and the seconds each scoring took on this device. The pointing game reads only the map, so
@@ -58,6 +59,23 @@ def aucs(model, images, maps, targets, protocol, batch) -> dict[str, np.ndarray]
         }
 
 
+def _done(path: Path, model: str, step: int) -> list[dict]:
+    """The rows already measured for this model and step (a killed run resumes)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return [r for r in csv.DictReader(handle) if r["model"] == model and int(r["step"]) == step]
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+    new = not path.is_file()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -76,8 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     method = get_method("gradcam")
     settings = method.resolve_settings(method.default_settings, model)
     protocol = CurveProtocol(step=args.step)
-    rows, seconds = [], {"fp32": 0.0, "bf16": 0.0}
-    for lo in range(0, len(samples), args.batch):
+    per_image = RESULTS / "eval_precision_fidelity_images.csv"
+    rows = _done(per_image, args.model, args.step)  # resumes: images already measured
+    seconds = {p: sum(float(r[f"{p}_s"]) for r in rows) for p in ("fp32", "bf16")}
+    for lo in range(len(rows), len(samples), args.batch):
         items = [dataset[i] for i in range(lo, min(lo + args.batch, len(samples)))]
         images = torch.stack([item["image"] for item in items])
         with torch.inference_mode():
@@ -88,24 +108,25 @@ def main(argv: list[str] | None = None) -> None:
             method.explain(model, images, targets, [], settings), settings, (224, 224)
         )
         scorer = scoring_model(model, images[:2])
-        scored = {}
+        scored, batch_seconds = {}, {}
         for precision, forward in (("fp32", scorer), ("bf16", Bf16Forward(scorer))):
             tick = time.perf_counter()
             scored[precision] = aucs(forward, images, maps, targets, protocol, args.eval_batch_size)
-            seconds[precision] += time.perf_counter() - tick
+            batch_seconds[precision] = time.perf_counter() - tick
+            seconds[precision] += batch_seconds[precision]
+        batch_rows = []
         for i, item in enumerate(items):
-            row = {"path": samples[item["index"]].path}
+            row = {"model": args.model, "step": args.step, "path": samples[item["index"]].path}
             for mode in ("deletion", "insertion"):
                 fp32, bf16 = scored["fp32"][mode][i], scored["bf16"][mode][i]
                 row.update({f"{mode}_fp32": fp32, f"{mode}_bf16": bf16})
                 row[f"{mode}_abs_diff"] = abs(float(bf16) - float(fp32))
-            rows.append(row)
+            for precision, spent in batch_seconds.items():  # the batch's time, shared out
+                row[f"{precision}_s"] = spent / len(items)
+            batch_rows.append(row)
+        _append(per_image, batch_rows)
+        rows += batch_rows
         print(f"{len(rows)} images, {seconds}", flush=True)
-    per_image = RESULTS / "eval_precision_fidelity_images.csv"
-    with per_image.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     summary = {
         "cpu": cpu_name(),
         "torch": torch.__version__,
@@ -116,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     passed = True
     for mode in ("deletion", "insertion"):
-        diffs = np.array([r[f"{mode}_abs_diff"] for r in rows])
+        diffs = np.array([float(r[f"{mode}_abs_diff"]) for r in rows])
         summary[f"{mode}_mean_abs_diff"] = f"{diffs.mean():.2e}"
         summary[f"{mode}_max_abs_diff"] = f"{diffs.max():.2e}"
         passed &= bool(diffs.mean() <= MEAN_GATE and diffs.max() <= MAX_GATE)
