@@ -13,18 +13,16 @@ difference between the two (rounding only).
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from bench_resume import cpu_name  # noqa: E402
-from bench_scoring_format import timed  # noqa: E402
+from bench_scoring_format import append_rows, scoring_inputs, timed  # noqa: E402
 
 from pipeline.folding import foldable_pairs, scoring_model  # noqa: E402
 from pipeline.models import channels_last_on_cpu, load_model  # noqa: E402
@@ -43,10 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    gen = torch.Generator().manual_seed(0)
-    low = torch.rand(args.images, 3, 14, 14, generator=gen)
-    images = F.interpolate(low, size=(224, 224), mode="bilinear")
-    saliency = torch.rand(args.images, 224, 224, generator=gen)
+    images, saliency = scoring_inputs(args.images)
     rows = []
     for name in args.models.split(","):
         # lite0 has its bundled weights; the others random ones (no download here)
@@ -77,12 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         print(row, flush=True)
         rows.append(row)
-    new = not args.out.exists()
-    with args.out.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_rows(args.out, rows)
 
 
 if __name__ == "__main__":

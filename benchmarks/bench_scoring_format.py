@@ -42,6 +42,25 @@ def timed(*args) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
+def scoring_inputs(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` smooth random 224-px images and random maps (seeded): what both scoring
+    benchmarks time."""
+    gen = torch.Generator().manual_seed(0)
+    low = torch.rand(count, 3, 14, 14, generator=gen)
+    images = F.interpolate(low, size=(224, 224), mode="bilinear")
+    return images, torch.rand(count, 224, 224, generator=gen)
+
+
+def append_rows(out: Path, rows: list[dict]) -> None:
+    """Append rows to a results CSV (its header first when the file is new)."""
+    new = not out.exists()
+    with out.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="efficientnet_lite0,resnet50")
@@ -55,10 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    gen = torch.Generator().manual_seed(0)
-    low = torch.rand(args.images, 3, 14, 14, generator=gen)
-    images = F.interpolate(low, size=(224, 224), mode="bilinear")
-    saliency = torch.rand(args.images, 224, 224, generator=gen)
+    images, saliency = scoring_inputs(args.images)
     rows = []
     for name in args.models.split(","):
         # lite0 has its bundled weights; the others random ones (no download here)
@@ -85,12 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         print(row)
         rows.append(row)
-    new = not args.out.exists()
-    with args.out.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_rows(args.out, rows)
 
 
 if __name__ == "__main__":
