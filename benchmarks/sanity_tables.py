@@ -13,7 +13,6 @@ every invocation of a resumed run, `timings_total`).
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -24,7 +23,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from bench_resume import cpu_name  # noqa: E402
 
+from pipeline.outputs import save_figure  # noqa: E402
 from pipeline.runfile import read_attrs  # noqa: E402
+from pipeline.sanity import sanity_summary  # noqa: E402
+from pipeline.visualize import sanity_figure  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -43,9 +45,9 @@ def main(runs: Path) -> None:
     checks = sorted(p for p in runs.iterdir() if (p / "sanity_summary.csv").is_file())
     stages, repeats, costs = [], [], []
     for check in checks:
-        summary = pd.read_csv(check / "sanity_summary.csv")
-        summary.insert(0, "check", check.name)
-        stages.append(summary)
+        # the summary made again from the per-image table (today's columns)
+        summary = sanity_summary(pd.read_csv(check / "sanity.csv"))
+        stages.append(summary.assign(check=check.name)[["check", *summary.columns]])
         if (check / "repeatability_summary.csv").is_file():
             table = pd.read_csv(check / "repeatability_summary.csv")
             table.insert(0, "check", check.name)
@@ -65,7 +67,9 @@ def main(runs: Path) -> None:
                 "cpu": cpu_name(),
             }
         )
-        shutil.copy(check / "sanity.png", RESULTS / f"sanity20_{check.name}.png")
+        # the plot drawn again from the stored summary by today's sanity_figure
+        title = f"{check.name}, efficientnet_lite0, sample's first 20 images"
+        save_figure(sanity_figure(summary, title), RESULTS / f"sanity20_{check.name}.png")
     stages_table, repeat_table = pd.concat(stages), pd.concat(repeats)
     cost_table = pd.DataFrame(costs)
     stages_table.to_csv(RESULTS / "sanity20_stages.csv", index=False)
@@ -81,12 +85,12 @@ def _interval(row, name: str) -> str:
 
 def markdown(stages: pd.DataFrame, repeats: pd.DataFrame, costs: pd.DataFrame) -> str:
     lines = ["# Sanity check and repeatability, sample's first 20 images (lite0)", ""]
-    lines += ["| check | stage | randomised down to | Spearman | SSIM | HOG r |"]
+    lines += ["| check | stage | randomised down to | Spearman (n) | SSIM | HOG r |"]
     lines += ["|---|--:|---|---|---|---|"]
     for _, row in stages.iterrows():
         lines.append(
             f"| {row['check']} | {row['stage']} | {row['layer']} | {_interval(row, 'spearman')} "
-            f"| {_interval(row, 'ssim')} | {_interval(row, 'hog')} |"
+            f"({row['spearman_count']}) | {_interval(row, 'ssim')} | {_interval(row, 'hog')} |"
         )
     lines += ["", "| check | quantity | mean [95% CI] | mean per-image SD | max per-image SD "]
     lines[-1] += "| SD of the mean over seeds |"

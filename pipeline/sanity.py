@@ -227,13 +227,17 @@ def sanity_table(original: RunFile, stages: list[tuple[int, Stage, RunFile]]) ->
 
 
 def sanity_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per stage: images, and each measure's mean with its 95% bootstrap interval."""
+    """Per stage: images, and each measure's mean with its 95% bootstrap interval over the
+    images where it is defined (`<measure>_count`: a constant map, such as a mask that
+    deletes nothing, has no correlation with anything)."""
     rows = []
     for (stage, layer), group in table.groupby(["stage", "layer"], sort=True):
         row = {"stage": stage, "layer": layer, "images": len(group)}
         for measure in MEASURES:
-            mean, low, high = bootstrap_ci(group[measure].to_numpy(dtype=np.float64))
+            values = group[measure].to_numpy(dtype=np.float64)
+            mean, low, high = bootstrap_ci(values)
             row.update({measure: mean, f"{measure}_low": low, f"{measure}_high": high})
+            row[f"{measure}_count"] = int(np.isfinite(values).sum())
         rows.append(row)
     return pd.DataFrame(rows)
 

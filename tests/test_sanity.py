@@ -78,6 +78,8 @@ def test_stages_are_runs_whose_maps_the_table_compares(photos, tmp_path) -> None
             np.testing.assert_allclose(rows[measure], measured[measure], atol=1e-4)
     summary = pd.read_csv(out / "sanity_summary.csv")
     assert list(summary["layer"]) == names and (summary["images"] == 4).all()
+    counts = table.groupby("stage")["spearman"].count().to_numpy()
+    np.testing.assert_array_equal(summary["spearman_count"], counts)
     np.testing.assert_allclose(summary["spearman"], table.groupby("stage")["spearman"].mean())
     assert (summary["spearman_low"] <= summary["spearman"]).all()
     assert (out / "sanity.png").stat().st_size > 5000
