@@ -3,7 +3,7 @@
 backward each: the mask generator, the area loss's sort, the blur-pyramid blend, the model,
 and the SGD step.
 
-    .venv/bin/python benchmarks/profile_extremal.py --threads 1 --images 1
+    .venv/bin/python benchmarks/profile_extremal.py --threads 1 --images 1 [--compile]
 
 `--preset torchray-voc`'s settings (4 areas, step 7, σ 21, 8 pyramid levels) at 224 px with
 efficientnet_lite0. Appends one row per part to benchmarks/results/profile_extremal_cpu.csv:
@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the mask generator under torch.compile (after one warm-up call)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks/results/profile_extremal_cpu.csv"
     )
     args = parser.parse_args(argv)
@@ -104,6 +109,16 @@ def main(argv: list[str] | None = None) -> None:
     }
     seconds = {name: timed(work, args.repeats) for name, work in parts.items()}
     total = sum(seconds.values())
+    if args.compile:  # beside the step, not part of it
+        fused = torch.compile(generator._generate)
+
+        def compiled_generator() -> None:
+            torch.cat([fused(one) for one in params.split(1)]).sum().backward()
+
+        compiled_generator()  # compiles
+        seconds["mask generator, torch.compile (not in the step)"] = timed(
+            compiled_generator, args.repeats
+        )
     rows = [
         {
             "cpu": cpu_name(),
