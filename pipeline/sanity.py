@@ -97,6 +97,9 @@ class SanityResult:
 def sanity(options: SanityOptions) -> SanityResult:
     """Run (or resume) every explanation the check needs, then write its tables and plot."""
     started = time.perf_counter()
+    # one process does the whole check: a launcher's RANK/WORLD_SIZE or SLURM array variables
+    # must not split each stage into shard files
+    options = dataclasses.replace(options, run=dataclasses.replace(options.run, shard="0/1"))
     out = prepare_out(options.run.out)
     for folder in (STAGES_DIR, REPEATS_DIR):
         (out / folder).mkdir(exist_ok=True)

@@ -162,3 +162,13 @@ def test_bad_sanity_options_are_one_line_errors(photos, tmp_path) -> None:
     result = _sanity(photos, tmp_path / "d", "--method", "gradcam", "--layer", "nope")
     assert result.exit_code == 2 and "--layer 'nope' is not a module" in result.output
     assert "features.4" in result.output  # the hint: the last Conv2d
+
+
+def test_a_launchers_shard_variables_do_not_split_the_check(photos, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    out = tmp_path / "out"
+    result = _sanity(photos, out, "--method", "gradcam", "--layers", "head")
+    assert result.exit_code == 0, result.output
+    assert RunFile.open(out / "original").rows == 4  # every image, in masks.h5
+    assert len(pd.read_csv(out / "sanity.csv")) == 4
