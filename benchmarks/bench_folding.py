@@ -12,7 +12,6 @@ difference between the two (rounding only).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,25 +21,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from bench_resume import cpu_name  # noqa: E402
-from bench_scoring_format import append_rows, scoring_inputs, timed  # noqa: E402
+from bench_scoring_format import (  # noqa: E402
+    append_rows,
+    scoring_arguments,
+    scoring_inputs,
+    timed,
+)
 
 from pipeline.folding import foldable_pairs, scoring_model  # noqa: E402
 from pipeline.models import channels_last_on_cpu, load_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="efficientnet_lite0,resnet50")
-    parser.add_argument("--images", type=int, default=1)
-    parser.add_argument("--eval-batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks/results/bench_folding_cpu.csv"
-    )
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    description = __doc__.splitlines()[0]
+    args = scoring_arguments(argv, description, 1, "bench_folding_cpu.csv")
     images, saliency = scoring_inputs(args.images)
     rows = []
     for name in args.models.split(","):

@@ -61,19 +61,27 @@ def append_rows(out: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def scoring_arguments(
+    argv: list[str] | None, description: str, images: int, out: str
+) -> argparse.Namespace:
+    """The scoring benchmarks' options (models, images, batch, repeats, threads, out), parsed;
+    the thread count is applied."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--models", default="efficientnet_lite0,resnet50")
-    parser.add_argument("--images", type=int, default=2)
+    parser.add_argument("--images", type=int, default=images)
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks/results/bench_scoring_format_cpu.csv"
-    )
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results" / out)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    description = __doc__.splitlines()[0]
+    args = scoring_arguments(argv, description, 2, "bench_scoring_format_cpu.csv")
     images, saliency = scoring_inputs(args.images)
     rows = []
     for name in args.models.split(","):

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from bench_resume import cpu_name  # noqa: E402
+from bench_scoring_format import append_rows  # noqa: E402
 
 from pipeline.datasets import discover  # noqa: E402
 from pipeline.folding import scoring_model  # noqa: E402
@@ -65,15 +66,6 @@ def _done(path: Path, model: str, step: int) -> list[dict]:
         return []
     with path.open(newline="") as handle:
         return [r for r in csv.DictReader(handle) if r["model"] == model and int(r["step"]) == step]
-
-
-def _append(path: Path, rows: list[dict]) -> None:
-    new = not path.is_file()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             for precision, spent in batch_seconds.items():  # the batch's time, shared out
                 row[f"{precision}_s"] = spent / len(items)
             batch_rows.append(row)
-        _append(per_image, batch_rows)
+        append_rows(per_image, batch_rows)
         rows += batch_rows
         print(f"{len(rows)} images, {seconds}", flush=True)
     summary = {
@@ -144,13 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     summary["meets_gate"] = passed
     summary["fp32_s"] = round(seconds["fp32"], 1)
     summary["bf16_s"] = round(seconds["bf16"], 1)
-    out = RESULTS / "eval_precision_fidelity.csv"
-    new = not out.exists()
-    with out.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(summary))
-        if new:
-            writer.writeheader()
-        writer.writerow(summary)
+    append_rows(RESULTS / "eval_precision_fidelity.csv", [summary])
     print(summary)
 
 

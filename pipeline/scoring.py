@@ -184,8 +184,8 @@ def evaluate_batch(
         # comparison maps come from the model itself (Grad-CAM reads a layer folding changes)
         request = MapRequest(model, images, targets, keys, grid, evaluation.seed)
         cache = _cache(evaluation, model, images, grid, options)
+        batch = _Batch(request, scorer, boxes, sizes, options, road)
         for name in evaluation.baselines:
-            batch = _Batch(request, scorer, boxes, sizes, options, road)
             scores = _cached_scores(name, batch, cache) if cache else _scores(name, batch)
             columns.update({f"{name}_{k}": v for k, v in scores.items()})
     return columns
