@@ -195,6 +195,7 @@ class RunOptions:
     precision: str = "auto"  # "auto" | "fp32" | "bf16" (model forward only)
     compile: bool = False  # torch.compile the model (static shapes)
     cuda_graphs: bool = False  # with compile on CUDA: replay as CUDA graphs (reduce-overhead)
+    reference: bool = False  # the reference implementation's float32 operation order
     method: str | None = None  # a registered method; None: the preset's, else meaningful
     area: int | None = None  # several masks per image (extremal): score this one, else the sum
     name: str | None = None  # the run's row label in summaries (default: the method)
@@ -222,6 +223,7 @@ class RunOptions:
                     (f"--precision {self.precision}", self.precision != "auto"),
                     ("--compile", self.compile),
                     ("--cuda-graphs", self.cuda_graphs),
+                    ("--reference", self.reference),
                 )
                 if on
             ]
@@ -230,6 +232,11 @@ class RunOptions:
                     f"{asked[0]} does not apply to --method {self.method}: it runs in float32 "
                     "without compilation"
                 )
+        if self.reference and (self.precision == "bf16" or self.compile or self.cuda_graphs):
+            raise SettingsError(
+                "--reference runs float32 eager: it takes no --precision bf16, --compile or "
+                "--cuda-graphs"
+            )
         if self.evaluation is not None:
             self.evaluation = self.evaluation.for_method(self.method)
 
@@ -302,8 +309,15 @@ def upgrade_stored(stored: dict, device: torch.device) -> dict:
                 "seed": described.get("random_seed"),
             }
     speed = stored.get("speed")
-    if isinstance(speed, dict):  # before CUDA graphs and the device type were recorded
-        stored["speed"] = {"cuda_graphs": False, "device": device.type, **speed}
+    if isinstance(speed, dict):
+        # before CUDA graphs, the device type and the reference path were recorded; extremal
+        # had only the reference path then
+        stored["speed"] = {
+            "cuda_graphs": False,
+            "device": device.type,
+            "reference": stored["method"] == "extremal",
+            **speed,
+        }
     shard = stored.get("shard")
     if isinstance(shard, dict) and shard.get("world") == 1:
         # before runs were keyed by path: one process took the slice [start, stop) of the
@@ -319,15 +333,20 @@ def applied_speed(options: RunOptions, device: torch.device) -> SpeedOptions:
     "auto" precision follows bench_optimize.py (SpeedOptions.recommended): bf16 where it
     won (CUDA; standard conv nets on CPUs with AMX or avx512_bf16, optimize.CPU_PRECISION),
     fp32 where bf16 is emulated, for depthwise-heavy nets on CPU and for
-    custom `module:function` models, which nothing has measured. An explicit precision gets
-    the memory format measured best with it. Methods that do not use speed options run
-    float32 eager, and that is what is recorded.
+    custom `module:function` models, which nothing has measured, and for methods whose bf16
+    fidelity nothing has measured (Method.auto_bf16 False: extremal). An explicit precision
+    gets the memory format measured best with it. `reference` runs the reference path.
+    Methods that do not use speed options run float32 eager, and that is what is recorded.
     """
-    if not get_method(options.method).uses_speed_options:
+    method = get_method(options.method)
+    if not method.uses_speed_options:
         return SpeedOptions(precision="fp32")
+    if options.reference:
+        return SpeedOptions(precision="fp32", reference=True)
     custom = ":" in options.model and not options.model.startswith("timm:")
     if options.precision == "auto":
-        speed = SpeedOptions() if custom else SpeedOptions.recommended(device, options.model)
+        measured = method.auto_bf16 and not custom
+        speed = SpeedOptions.recommended(device, options.model) if measured else SpeedOptions()
     else:
         speed = SpeedOptions.recommended(device, options.model, precision=options.precision)
     graphs = options.compile and options.cuda_graphs

@@ -37,14 +37,20 @@ with optimize.py.
 Where this differs from TorchRay on purpose: the contrastive reward masks the target with −∞
 where TorchRay writes −100 (the same unless every other logit is below −100).
 
-Longer than 300 lines: the mask generator, the area loss and the loop are TorchRay's one
-algorithm, kept together so that each can be checked line by line against it.
+Two paths (`extremal_masks`'s `speed`): the reference, TorchRay's operations in their order
+(smooth_masks.MaskGenerator; bitwise TorchRay's masks, tests/test_extremal_torchray.py), and
+the fast path, whose generator makes the same masks to float32 rounding in another order
+(smooth_masks.FastMaskGenerator) and whose model forward may run in bf16, channels_last,
+compiled or as CUDA graphs. Over hundreds of iterations the two drift apart as any two
+float orders do; benchmarks/results/fidelity_extremal_fast.csv measures by how much.
+
+Longer than 300 lines: the area loss and the loop are TorchRay's one algorithm, kept together
+so that each can be checked line by line against it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -52,7 +58,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SettingsError
+from .optimize import SpeedOptions, _autocast, _prepare_model, _to_model_format
 from .perturbations import apply_blur_pyramid, blur_pyramid, smooth_zero_padded
+from .smooth_masks import FastMaskGenerator, MaskGenerator
 
 VARIANTS = ("preserve", "delete", "dual")
 REWARDS = ("simple", "contrastive")
@@ -160,114 +168,6 @@ class ExtremalResult:
     area_loss: torch.Tensor
 
 
-# ----------------------------------------------------------------------------- mask generator
-def grid_shape(size: tuple[int, int], step: int) -> tuple[int, int]:
-    """The parameter grid (h, w) = (⌈H/step⌉, ⌈W/step⌉) for images of size (H, W)."""
-    return math.ceil(size[0] / step), math.ceil(size[1] / step)
-
-
-def mask_kernel(distance: torch.Tensor, sigma: float) -> torch.Tensor:
-    """The published smooth-mask kernel: 1 within σ/2, then exp(−2 (d/σ − 1/2)²)."""
-    return torch.exp(-2 * ((distance / sigma - 0.5).clamp(min=0) ** 2))
-
-
-def _axis_taps(cells: int, step: int, sigma: float, margin: float) -> tuple[int, tuple]:
-    """The geometry of one axis of the extended mask (TorchRay's MaskGenerator).
-
-    Returns the extended length E and, for each extended pixel u < E, the indices of its
-    2R + 1 taps into the grid zero-padded by `pad` cells (E × K, long) and the signed pixel
-    distances to the taps' centres (E × K, float32). Tap k of pixel u is grid point
-    i = ⌊u/step⌋ + k − pad, centred at pixel margin + step·i of the extended mask, i.e. at
-    step·i of the image; ⌊u/step⌋ is computed as floor(u · (M / (step·M))) in float32, the
-    nearest-neighbour index that TorchRay's upsampling uses.
-    """
-    pad = 1 + math.ceil((margin + sigma) / step)
-    radius = 1 + math.ceil(sigma / step)
-    middle = cells + 2 * pad - 2 * radius
-    extended = step * middle - step + 1
-    inverse_step = torch.tensor(middle, dtype=torch.float32) / torch.tensor(
-        step * middle, dtype=torch.float32
-    )
-    pixels = torch.arange(extended, dtype=torch.float32)
-    cell = torch.floor(inverse_step * pixels)
-    taps = torch.arange(2 * radius + 1, dtype=torch.float32)
-    padded_index = cell[:, None] + taps[None, :]  # index into the padded grid
-    distance = pixels[:, None] - (margin + step * (padded_index - pad))
-    return extended, (padded_index.long(), distance, pad)
-
-
-class MaskGenerator:
-    """Turns grid parameters N×h×w into smooth masks (see the module docstring).
-
-    As TorchRay's MaskGenerator, the mask is built on an extended canvas with a margin of
-    `margin` pixels (σ by default) around the image: E = step·(h + 2·pad − 2R) − step + 1
-    pixels per side (260 at 224², step 7, σ 21), pad = 1 + ⌈(margin + σ)/step⌉,
-    R = 1 + ⌈σ/step⌉. Pixel u combines the (2R + 1)² grid points i = ⌊u/step⌋ + k − pad;
-    grid points outside the parameter grid count as 0. The call returns the extended mask,
-    clamped to [0, 1]; `crop` cuts the image's H×W window out of it. The area loss sorts the
-    whole extended mask.
-
-    Memory: N·E²·(2R + 1)² floats per intermediate (81 taps at step 7, σ 21: 22 MB per mask
-    at 224²); autograd keeps about three of them per mask.
-    """
-
-    def __init__(
-        self,
-        size: tuple[int, int],
-        step: int,
-        sigma: float,
-        temperature: float,
-        device,
-        margin: float | None = None,
-    ):
-        margin = sigma if margin is None else margin
-        self.size = size
-        self.grid = grid_shape(size, step)
-        self.temperature = temperature
-        self.offset = round(margin)
-        height, (rows, dy, self.pad) = _axis_taps(self.grid[0], step, sigma, margin)
-        width, (cols, dx, _) = _axis_taps(self.grid[1], step, sigma, margin)
-        self.extended = (height, width)
-        self.taps = rows.shape[1]
-        # tap-major index lists: row index of (ky, y) at ky·E + y, column index of (kx, x)
-        self.rows = rows.t().flatten().to(device)
-        self.cols = cols.t().flatten().to(device)
-        distance = torch.sqrt(dy.t()[:, None, :, None] ** 2 + dx.t()[None, :, None, :] ** 2)
-        kernel = mask_kernel(distance, sigma)  # K×K×E×E'
-        self.weight = kernel.reshape(self.taps**2, height, width).to(device)
-
-    def __call__(self, params: torch.Tensor) -> torch.Tensor:
-        """params N×h×w in [0, 1] -> extended masks N×E×E' in [0, 1].
-
-        One mask at a time: its N·K²·E·E' intermediates (22 MB per mask at 224²) then stay
-        in cache; on the 2-core CPU 4 masks at once took 20× one mask's time, not 4×.
-        """
-        return torch.cat([self._generate(one) for one in params.split(1)])
-
-    def _generate(self, params: torch.Tensor) -> torch.Tensor:
-        count = params.shape[0]
-        height, width = self.extended
-        taps = self.taps
-        padded = F.pad(params, (self.pad,) * 4)
-        # values[n, ky·K + kx, y, x] = padded[n, rows[y, ky], cols[x, kx]], laid out as
-        # TorchRay's unfolded tensor so the softmax and the sum round as there (bitwise equal
-        # masks keep the area loss's sort order, and so its gradient, equal)
-        values = padded.index_select(1, self.rows).index_select(2, self.cols)
-        values = values.view(count, taps, height, taps, width).transpose(2, 3)
-        values = values.reshape(count, taps * taps, height, width) * self.weight
-        if self.temperature <= 0:
-            masks = values.amax(dim=1)
-        else:
-            # smooth max Σ v·softmax(v/T) over the taps (TorchRay: coldness 1/T = 20)
-            masks = (values * F.softmax((1.0 / self.temperature) * values, dim=1)).sum(dim=1)
-        return masks.clamp(0, 1)
-
-    def crop(self, extended: torch.Tensor) -> torch.Tensor:
-        """The image's window N×H×W of extended masks N×E×E'."""
-        top = self.offset
-        return extended[..., top : top + self.size[0], top : top + self.size[1]]
-
-
 def render_masks(
     params: torch.Tensor, size: tuple[int, int], settings: ExtremalSettings
 ) -> torch.Tensor:
@@ -353,6 +253,7 @@ def extremal_masks(
     seeds: list[int],
     settings: ExtremalSettings | None = None,
     *,
+    speed: SpeedOptions | None = None,
     on_iteration: Callable[[int], None] | None = None,
 ) -> ExtremalResult:
     """Extremal perturbation masks for every image and area of a batch, optimised together.
@@ -365,6 +266,13 @@ def extremal_masks(
     targets: B long, the class each mask explains.
     seeds:   B per-image seeds (seeding.image_seed); the published algorithm is deterministic,
              so they are only checked (one per image).
+    speed:   None or SpeedOptions(reference=True): the reference path, TorchRay's operations
+             in their order, float32 eager (the TorchRay tests run it). Any other SpeedOptions:
+             the fast path, smooth_masks.FastMaskGenerator (the same masks to float32
+             rounding, 3-4× faster on the CPU) and the options for the model's forward:
+             bf16 autocast (the masks, pyramid, area loss and SGD stay float32),
+             channels_last, torch.compile, CUDA graphs. "auto" precision is float32 here:
+             extremal's bf16 fidelity has not been measured.
     All B·A masks (image-major: mask n is image n // A, area n % A) are one parameter tensor
     with one SGD optimiser; the loss is the sum of per-mask losses. As TorchRay returns, the
     result holds the masks of the last iteration's forward pass (before its SGD step).
@@ -373,7 +281,12 @@ def extremal_masks(
     _check_inputs(images, targets, seeds)
     batch = images.shape[0]
     count = batch * len(settings.areas)
-    network, pyramid, generator = _problem(model, images, settings)
+    fast = speed is not None and not speed.reference
+    speed = resolved_speed(speed)
+    network, pyramid, generator = _problem(model, images, settings, fast)
+    forward = _prepare_model(network, speed, images.device)
+    autocast = _autocast(speed, images.device)
+    mark_step = speed.cuda_graphs and images.device.type == "cuda"
     image_index = torch.arange(batch, device=images.device).repeat_interleave(len(settings.areas))
     mask_targets = targets.to(images.device).repeat_interleave(len(settings.areas))
     pixels = generator.extended[0] * generator.extended[1]
@@ -386,12 +299,16 @@ def extremal_masks(
     )
     weight = settings.area_weight
     for iteration in range(settings.iterations):
+        if mark_step:  # CUDA graph replays reuse their outputs' memory
+            torch.compiler.cudagraph_mark_step_begin()
         extended = generator(params)
         masks = generator.crop(extended)
         perturbed = _perturbed(pyramid, masks, image_index, settings.variant)
         if settings.jitter and iteration % 2 == 0:
             perturbed = perturbed.flip(dims=(3,))
-        scores = reward_scores(network(perturbed), model_targets, settings.reward)
+        with autocast:
+            logits = forward(_to_model_format(perturbed, speed))
+        scores = reward_scores(logits, model_targets, settings.reward)
         reward = _rewards(scores, count, settings.variant)
         loss = (weight * area_loss(extended, references) - reward).sum()
         optimizer.zero_grad(set_to_none=True)
@@ -411,12 +328,24 @@ def extremal_masks(
     return _result(network, pyramid, image_index, mask_targets, references, last, settings, batch)
 
 
-def _problem(model: torch.nn.Module, images: torch.Tensor, settings: ExtremalSettings):
+def resolved_speed(speed: SpeedOptions | None) -> SpeedOptions:
+    """The speed options extremal_masks applies: None means the reference path; "auto"
+    precision is float32 (bf16's fidelity for extremal masks is unmeasured)."""
+    if speed is None:
+        return SpeedOptions(reference=True)
+    if speed.precision == "auto":
+        return dataclasses.replace(speed, precision="fp32")
+    return speed
+
+
+def _problem(
+    model: torch.nn.Module, images: torch.Tensor, settings: ExtremalSettings, fast: bool = False
+):
     """The network on normalised inputs, the blur pyramid of the images in that space, and
-    the mask generator at the images' size."""
+    the mask generator at the images' size (the fast path's or the reference)."""
     network, inputs, fill = _normalised_space(model, images.float())
     pyramid = blur_pyramid(inputs, settings.max_blur_sigma, settings.pyramid_levels, fill=fill)
-    generator = MaskGenerator(
+    generator = (FastMaskGenerator if fast else MaskGenerator)(
         tuple(images.shape[-2:]),
         settings.step,
         settings.sigma,

@@ -275,6 +275,10 @@ class SpeedOptions:
     cuda_graphs:   with compile, replay the compiled forward and backward as CUDA graphs
                    (torch.compile's "reduce-overhead" mode): one launch instead of hundreds of
                    small kernels per pass. Only on CUDA; elsewhere the plain compiled model runs.
+    reference:     the reference implementation's operations in their order, float32 eager
+                   (needs precision "fp32" or "auto" and no other option). Extremal runs
+                   TorchRay's mask generator instead of the fast one (equal to rounding); the
+                   meaningful methods' fp32 path is already their reference.
     """
 
     precision: str = "fp32"
@@ -282,6 +286,7 @@ class SpeedOptions:
     adam: str = "default"
     compile: bool = False
     cuda_graphs: bool = False
+    reference: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -291,6 +296,13 @@ class SpeedOptions:
         if self.cuda_graphs and not self.compile:
             raise SettingsError(
                 "cuda_graphs needs compile (they are torch.compile's reduce-overhead)"
+            )
+        if self.reference and (
+            self.precision == "bf16" or self.channels_last or self.compile or self.adam != "default"
+        ):
+            raise SettingsError(
+                "the reference path is float32 eager: it takes no --precision bf16, "
+                "channels_last, compile or Adam implementation"
             )
 
     @classmethod
@@ -318,6 +330,8 @@ class SpeedOptions:
         """A copy with precision "auto" replaced by resolve_precision's answer."""
         if self.precision != "auto":
             return self
+        if self.reference:
+            return dataclasses.replace(self, precision="fp32")
         return dataclasses.replace(self, precision=resolve_precision(device, model_name))
 
     def to_dict(self) -> dict:

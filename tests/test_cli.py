@@ -103,6 +103,18 @@ def test_extremal_preset_run_scores_full_masks_and_reruns(class_folders, tmp_pat
         assert config["evaluation"]["smooth"] == 0.09
         assert file["params"].shape == (2, 4, 5, 5)  # ⌈32 / 7⌉ grid points per side
         assert file["masks"].shape == (2, 4, 56, 56)
+        assert config["speed"]["reference"] is False  # the fast path, float32 on the CPU
+        assert config["speed"]["precision"] == "fp32"
+    # the reference path's masks are not the fast path's: not resumed into one file
+    reference = CliRunner().invoke(main, [*base, *small, "--batch-size", "2", "--reference"])
+    assert reference.exit_code == 2 and "'reference': True" in reference.output
+    assert "other settings (speed:" in reference.output
+    elsewhere = tmp_path / "reference"
+    base[base.index(str(out))] = str(elsewhere)
+    made = CliRunner().invoke(main, [*base, *small, "--batch-size", "2", "--reference"])
+    assert made.exit_code == 0, made.output
+    with h5py.File(elsewhere / "masks.h5", "r") as file:
+        assert json.loads(file.attrs["config"])["speed"]["reference"] is True
 
 
 def test_rerun_does_no_work_and_changed_settings_are_refused(class_folders, tmp_path) -> None:

@@ -12,8 +12,9 @@ import pytest
 import torch
 from tiny_models import TinyCNN
 
-from pipeline.extremal import ExtremalSettings, MaskGenerator, extremal_masks, render_masks
+from pipeline.extremal import ExtremalSettings, extremal_masks, render_masks
 from pipeline.perturbations import apply_blur_pyramid, blur_pyramid
+from pipeline.smooth_masks import MaskGenerator
 
 torchray_ep = pytest.importorskip("torchray.attribution.extremal_perturbation")
 

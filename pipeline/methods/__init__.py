@@ -52,6 +52,8 @@ class Method:
     pointing_smooth: ClassVar[float] = 0.0
     # True: honours SpeedOptions (bf16, compile, CUDA graphs); False: fp32 eager only
     uses_speed_options: ClassVar[bool] = False
+    # True: --precision auto may pick bf16 for it (its bf16 masks' fidelity was measured)
+    auto_bf16: ClassVar[bool] = False
     # True: cheap enough (about one forward/backward) to score beside every run
     comparison: ClassVar[bool] = False
     # what the metrics score, in words (written into every file's protocol)

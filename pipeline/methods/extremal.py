@@ -40,6 +40,9 @@ class ExtremalPerturbation(Method):
     settings_class = ExtremalSettings
     presets = EXTREMAL_PRESETS
     pointing_smooth = TORCHRAY_POINTING_SMOOTH  # TorchRay's benchmark: σ·min(H, W), argmax
+    # the fast path (smooth_masks.FastMaskGenerator, bf16, compile, CUDA graphs) unless
+    # --reference; --precision auto stays float32, as extremal's bf16 fidelity is unmeasured
+    uses_speed_options = True
     scored_map = (
         "the masks as applied, rebuilt from their grid parameters at the model's input size, "
         "summed over the areas (TorchRay's benchmark) unless --area picks one"
@@ -74,7 +77,9 @@ class ExtremalPerturbation(Method):
         on_iteration: Callable[[int], None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """masks B×A×s×s (1 = salient), params B×A×h×w, reward and mask_area B×A."""
-        result = extremal_masks(model, images, targets, seeds, settings, on_iteration=on_iteration)
+        result = extremal_masks(
+            model, images, targets, seeds, settings, speed=speed, on_iteration=on_iteration
+        )
         masks = result.masks.float()
         return {
             "masks": masks,

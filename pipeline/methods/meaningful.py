@@ -41,6 +41,7 @@ class MeaningfulPerturbation(Method):
     settings_class = MaskSettings
     presets = PRESETS
     uses_speed_options = True
+    auto_bf16 = True  # benchmarks/results/fidelity_lite0_cuda.csv
     scored_map = (
         "1 - the mask as applied (optimize.applied_masks: its upsampling and mask blur) at "
         "the model's input size; the mask itself for the preservation game"
