@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -52,8 +53,17 @@ def scoring_inputs(count: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def append_rows(out: Path, rows: list[dict]) -> None:
-    """Append rows to a results CSV (its header first when the file is new)."""
+    """Append rows to a results CSV (its header first when the file is new). A file whose
+    header differs (a script gained columns) is rewritten with the union of the columns,
+    blank where a row lacks one."""
     new = not out.exists()
+    if not new:
+        with out.open(newline="") as handle:
+            header = next(csv.reader(handle), [])
+        if header != list(rows[0]):
+            merged = pd.concat([pd.read_csv(out), pd.DataFrame(rows)], ignore_index=True)
+            merged.to_csv(out, index=False)
+            return
     with out.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         if new:

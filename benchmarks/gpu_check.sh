@@ -26,34 +26,7 @@ mkdir -p "$1"
 OUT=$(cd "$1" && pwd)
 SAMPLE=""
 if [[ $# -eq 2 ]]; then SAMPLE=$(cd "$2" && pwd); fi
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
-export PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-SUMMARY="$OUT/summary.txt"
-: >"$SUMMARY"
-failed=()
-
-# step NAME LIMIT_S COMMAND...: run with a timeout, log to OUT/NAME.log, record the outcome
-step() {
-    local name=$1 limit=$2
-    shift 2
-    local start=$SECONDS rc=0
-    echo "== $name (limit ${limit}s): $*"
-    timeout --kill-after=5 "$limit" "$@" >"$OUT/$name.log" 2>&1 || rc=$?
-    local took=$((SECONDS - start))
-    if [[ $rc -eq 0 ]]; then
-        echo "$name: ok in ${took}s" | tee -a "$SUMMARY"
-    else
-        local why="rc=$rc"
-        [[ $rc -eq 124 || $rc -eq 137 ]] && why="timed out after ${limit}s"
-        echo "$name: FAILED ($why) after ${took}s" | tee -a "$SUMMARY"
-        failed+=("$name")
-    fi
-    tail -n 25 "$OUT/$name.log" || true
-}
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_steps.sh"
 
 step env 20 bash -c "nvidia-smi; $PYTHON -c 'import torch, torchvision, timm; \
 assert torch.cuda.is_available(), \"torch sees no CUDA device\"; print(torch.__version__, \
@@ -90,8 +63,4 @@ if [[ -n "$SAMPLE" ]]; then
         --work "$OUT/fidelity_runs" --out "$OUT/fidelity_lite0_cuda.csv"
 fi
 
-if [[ ${#failed[@]} -gt 0 ]]; then
-    echo "failed steps: ${failed[*]}" | tee -a "$SUMMARY"
-    exit 1
-fi
-echo "all steps passed" | tee -a "$SUMMARY"
+finish
