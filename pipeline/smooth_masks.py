@@ -76,6 +76,25 @@ class MaskGenerator:
         device,
         margin: float | None = None,
     ):
+        rows, dy, cols, dx = self._set_geometry(size, step, sigma, temperature, margin)
+        height, width = self.extended
+        # tap-major index lists: row index of (ky, y) at ky·E + y, column index of (kx, x)
+        self.rows = rows.t().flatten().to(device)
+        self.cols = cols.t().flatten().to(device)
+        distance = torch.sqrt(dy.t()[:, None, :, None] ** 2 + dx.t()[None, :, None, :] ** 2)
+        kernel = mask_kernel(distance, sigma)  # K×K×E×E'
+        self.weight = kernel.reshape(self.taps**2, height, width).to(device)
+
+    def _set_geometry(
+        self,
+        size: tuple[int, int],
+        step: int,
+        sigma: float,
+        temperature: float,
+        margin: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Set size, grid, temperature, offset, pad, extended and taps; return each axis's tap
+        indices and distances (_axis_taps): rows, dy, cols, dx."""
         margin = sigma if margin is None else margin
         self.size = size
         self.grid = grid_shape(size, step)
@@ -85,12 +104,7 @@ class MaskGenerator:
         width, (cols, dx, _) = _axis_taps(self.grid[1], step, sigma, margin)
         self.extended = (height, width)
         self.taps = rows.shape[1]
-        # tap-major index lists: row index of (ky, y) at ky·E + y, column index of (kx, x)
-        self.rows = rows.t().flatten().to(device)
-        self.cols = cols.t().flatten().to(device)
-        distance = torch.sqrt(dy.t()[:, None, :, None] ** 2 + dx.t()[None, :, None, :] ** 2)
-        kernel = mask_kernel(distance, sigma)  # K×K×E×E'
-        self.weight = kernel.reshape(self.taps**2, height, width).to(device)
+        return rows, dy, cols, dx
 
     def __call__(self, params: torch.Tensor) -> torch.Tensor:
         """params N×h×w in [0, 1] -> extended masks N×E×E' in [0, 1].
@@ -171,16 +185,8 @@ class FastMaskGenerator(MaskGenerator):
         margin: float | None = None,
         offsets_per_pass: int | None = None,
     ):
-        margin = sigma if margin is None else margin
-        self.size = size
+        rows, dy, cols, dx = self._set_geometry(size, step, sigma, temperature, margin)
         self.step = step
-        self.grid = math.ceil(size[0] / step), math.ceil(size[1] / step)
-        self.temperature = temperature
-        self.offset = round(margin)
-        height, (rows, dy, self.pad) = _axis_taps(self.grid[0], step, sigma, margin)
-        width, (cols, dx, _) = _axis_taps(self.grid[1], step, sigma, margin)
-        self.extended = (height, width)
-        self.taps = rows.shape[1]
         device = torch.device(device)
         if offsets_per_pass is None:
             offsets_per_pass = 1 if device.type == "cpu" else 7
