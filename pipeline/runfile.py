@@ -72,7 +72,11 @@ def find_run_file(path: str | Path) -> Path:
 
 def read_columns(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Every per-image dataset of a mask file (its committed rows, strings decoded to a str
-    array) and its attributes (JSON decoded)."""
+    array) and its attributes (JSON decoded).
+
+    A numeric column shorter than the committed rows (scores that `evaluate` wrote before a
+    resumed `run --no-metrics` added images) is padded to them with NaN: those images are
+    not scored yet."""
     with h5py.File(path, "r") as file:
         rows = int(file.attrs.get("rows", 0))
         columns = {}
@@ -81,6 +85,9 @@ def read_columns(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any
                 values = dataset[:rows]
                 if h5py.check_string_dtype(dataset.dtype):
                     values = np.array(decode_strings(values))
+                elif len(values) < rows and np.issubdtype(values.dtype, np.number):
+                    missing = np.full((rows - len(values), *values.shape[1:]), np.nan)
+                    values = np.concatenate([values.astype(np.float64), missing])
                 columns[name] = values
         return columns, decode_attrs(file.attrs)
 
