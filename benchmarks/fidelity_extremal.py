@@ -14,8 +14,9 @@ averages of the applied masks), their areas (fraction of cells > 0.5) and the di
 Per image: deletion and insertion AUC of each run and the difference, and whether the
 pointing game's hit agrees. The summary row (`<out>`, appended): per area the mean and min r,
 the mean |Δarea|; the mean and max |ΔAUC|; the pointing agreement; each run's optimisation
-seconds per image. TorchRay against itself (1 thread against 2) moves its masks as much, so
-read r beside parity.py's r_torchray_vs_itself on the same images (`--control`).
+seconds per image (from the file's timings, which cover a resumed run's last process only:
+blank them for a resumed run). TorchRay against itself (1 thread against 2) moves its masks
+as much, so read r beside parity.py's r_torchray_vs_itself on the same images (`--control`).
 """
 
 from __future__ import annotations
