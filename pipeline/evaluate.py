@@ -127,7 +127,7 @@ def read_saliency_source(options: EvaluateOptions) -> SaliencySource:
         paths = list(decode_strings(file["path"][:]))
     if saliency.ndim != 3 or len(paths) != saliency.shape[0]:
         raise DatasetError(f"{source}: 'saliency' must be N×h×w with one row per path")
-    _check_finite(source, saliency, paths)
+    _check_maps(source, saliency, paths)
     return SaliencySource(paths, saliency, None, {})
 
 
@@ -147,8 +147,14 @@ def _is_run(source: Path) -> bool:
         raise DatasetError(f"{source}: not a readable HDF5 file ({error})") from error
 
 
-def _check_finite(source: Path, saliency: np.ndarray, paths: list[str]) -> None:
-    """Bad input, said before any scoring: a map with NaN or infinite values."""
+def _check_maps(source: Path, saliency: np.ndarray, paths: list[str]) -> None:
+    """Bad input, said before any scoring: a path listed twice (its image would be scored
+    twice), a map with NaN or infinite values."""
+    first: dict[str, int] = {}
+    for row, path in enumerate(paths):
+        if path in first:
+            raise DatasetError(f"{source}: {path} is listed twice (rows {first[path]} and {row})")
+        first[path] = row
     bad = np.flatnonzero(~np.isfinite(saliency.reshape(len(saliency), -1)).all(axis=1))
     if len(bad):
         raise DatasetError(
@@ -181,7 +187,7 @@ def _read_npy(source: Path, paths_file: Path | None) -> SaliencySource:
             f"{source}: expected N×h×w saliency for the {len(paths)} paths of "
             f"{paths_file}, got shape {saliency.shape}"
         )
-    _check_finite(source, saliency, paths)
+    _check_maps(source, saliency, paths)
     return SaliencySource(paths, saliency.astype(np.float32), None, {})
 
 
@@ -319,6 +325,18 @@ def _score_batch(options, source, model, all_samples, batch, rows: list[int], lo
     return columns
 
 
+def _rescored_config(options: EvaluateOptions, config: dict, record: dict) -> dict:
+    """The run's recorded scoring, now that its rows hold these scores: a resume of the run
+    with the same scoring options scores its new images like the rest, and any other resume
+    is refused (RunRecord's `scoring` must match). Scores of another model or input size
+    than the run's cannot be continued by the run: they are recorded with that model."""
+    scoring = options.evaluation.settings()
+    ours = (config.get("model"), config.get("weights"), config.get("size"))
+    if (record["model"], record["weights"], record["size"]) != ours:
+        scoring["scored_by"] = {k: record[k] for k in ("model", "weights", "size")}
+    return {"scoring": scoring, "evaluation": record["evaluation"]}
+
+
 def _write_scores(options, source, scored, failures, record, model) -> Path:
     """Store the scores: in place for a run (metric columns only), else OUT/scores.h5."""
     class_names = list(model.class_names)
@@ -335,6 +353,7 @@ def _write_scores(options, source, scored, failures, record, model) -> Path:
         replace_columns(
             source.masks_file,
             metrics,
+            config=_rescored_config(options, source.config, record),
             protocol=record["evaluation"],
             evaluated=record,
             class_names=class_names,

@@ -31,6 +31,13 @@ is moved aside (`*.damaged`) and rebuilt from the journal; when it is behind the
 run completes. A write that fails (disk full, quota) raises StoreError naming the file; what
 was committed before stays, and a rerun resumes.
 
+The journal covers every row the main file holds: a file reopened with rows but no journal
+(a finished run resumed over a grown folder, or one rescored by `evaluate`) is first copied
+whole into the journal as `base.h5`, and a rebuild starts from that copy. A file is only
+ever rebuilt from a journal that covers it; one whose journal does not (left by an older
+mpbatch) is repaired in place, or, when it cannot be opened, kept aside as `*.damaged` with
+a warning that names it.
+
 This module is longer than the project's 300 lines because the commit protocol, the journal
 and the resume by path keep one invariant together (every image of the listing has exactly
 one row or failure, whatever was killed when); splitting it would spread that over files.
@@ -66,14 +73,16 @@ from .runfile import (
 
 FORMAT = "mpbatch-masks-1"
 LISTING_PART = "listing.h5"  # the journal's copy of the stored listing
+BASE_PART = "base.h5"  # the journal's copy of the rows a reopened file held before its parts
 DROPPED_DIR = "dropped"  # rows whose image left the listing, one file per resume that dropped
 STRING = h5py.string_dtype("utf-8")
 
 
-# The commit protocol's stages, as they are reached: "part-write" (a journal part written
-# but not yet renamed), "main-write" (the main file grown but not committed) and
-# "after-commit". Each callable here is called with the stage's name; the kill tests
-# (tests/crashing_cli.py) add one that kills the process at a chosen stage.
+# The commit protocol's stages, as they are reached: "base-write" (a reopened file's copy in
+# the journal written but not yet renamed), "part-write" (a journal part written but not yet
+# renamed), "main-write" (the main file grown but not committed) and "after-commit". Each
+# callable here is called with the stage's name; the kill tests (tests/crashing_cli.py) add
+# one that kills the process at a chosen stage.
 STAGE_OBSERVERS: list[Callable[[str], None]] = []
 
 
@@ -248,12 +257,13 @@ class MaskStore:
             shutil.rmtree(parts, ignore_errors=True)
         for leftover in parts.glob(".tmp-*") if parts.is_dir() else []:
             leftover.unlink()  # a part whose write failed (disk full) or was killed
-        has_journal = bool(_part_files(parts))
+        has_journal = bool(_part_files(parts)) or (parts / BASE_PART).exists()
+        covered = _journal_covers(parts)
         if path.exists() and not os.access(path, os.W_OK):
             raise StoreError(f"{path}: the file is not writable (its permissions)")
         if path.exists():
             try:
-                store = cls._reopen(path, trust_unclean=not has_journal)
+                store = cls._reopen(path, trust_unclean=not covered)
             except (OSError, KeyError, ValueError) as error:
                 if isinstance(error, PermissionError) or "errno = 13" in str(error):
                     raise StoreError(
@@ -269,15 +279,21 @@ class MaskStore:
                         f"{path} is damaged ({one_line(error)}) and has no journal to rebuild "
                         "it from; use --overwrite to start over"
                     ) from error
-                damaged = path.with_name(path.name + ".damaged")
-                os.replace(path, damaged)
+                damaged = _set_aside(path, ".damaged")
                 store = cls._rebuild(path, versions)
-                store.repaired = f"{path} was damaged: moved to {damaged.name}, rebuilt"
+                store.repaired = f"{path} was damaged: moved to {damaged.name}, rebuilt" + (
+                    ""
+                    if covered
+                    else f"; its journal held only later batches, so the rows before them "
+                    f"are in {damaged.name} alone"
+                )
             except _UncleanShutdown:
                 # The last writer died with the file open: HDF5 may hold half-written metadata
-                # that only fails later, so rebuild it from the journal rather than trust it.
-                path.unlink()
+                # that only fails later, so rebuild it from the journal (which covers every row
+                # the file held) rather than trust it. The file is kept until the rebuild is done.
+                unclean = _set_aside(path, ".unclean")
                 store = cls._rebuild(path, versions)
+                unclean.unlink()
                 store.repaired = f"{path} was not closed cleanly: rebuilt from its journal"
         elif has_journal:
             store = cls._rebuild(path, versions)
@@ -285,6 +301,8 @@ class MaskStore:
             return cls._create(path, config, versions)
         store._check_config(config, compare_keys, fill_stored)
         store._replay_journal()
+        if not _journal_covers(parts) and (store.rows or store.n_failures):
+            store._write_base()
         return store
 
     @classmethod
@@ -310,11 +328,31 @@ class MaskStore:
         self.file.attrs["writing"] = writing
         self.file.flush()
 
+    def _write_base(self) -> None:
+        """Copy the whole file into the journal (BASE_PART), so that the journal covers every
+        row the file holds before the next part is written: written aside, then renamed."""
+        parts = journal_dir(self.path)
+        parts.mkdir(parents=True, exist_ok=True)
+        temporary = parts / f".tmp-{BASE_PART}"
+        self.file.flush()
+        shutil.copyfile(self.path, temporary)
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        _reached("base-write")
+        os.replace(temporary, parts / BASE_PART)
+
     @classmethod
     def _rebuild(cls, path: Path, versions: dict) -> MaskStore:
-        """A new main file from the journal's config and listing; the parts are replayed
-        after the config check."""
+        """A new main file from the journal: its base copy when it has one, else its config
+        and listing; the parts are replayed after the config check."""
         parts = journal_dir(path)
+        if (parts / BASE_PART).exists():
+            temporary = path.with_name(f".{path.name}.rewriting")
+            shutil.copyfile(parts / BASE_PART, temporary)
+            os.replace(temporary, path)
+            store = cls(h5py.File(path, "r+"), path)
+            store._mark_writing(True)
+            return store
         store = cls._create(path, _part_config(parts), versions)
         if (parts / LISTING_PART).exists():
             with h5py.File(parts / LISTING_PART, "r") as journal:
@@ -348,18 +386,19 @@ class MaskStore:
         changed = [k for k in keys if stored.get(k) != config.get(k)]
         if changed:
             details = ", ".join(f"{k}: {stored.get(k)!r} -> {config.get(k)!r}" for k in changed)
-            self.file.close()
+            hint = _rescored_hint(self.file.attrs, changed)
+            self.close()  # unchanged: closed as it was found, not as a killed writer's
             raise StoreError(
                 f"{self.path} was made with other settings ({details}); "
-                "rerun with the same options to resume, or use --overwrite to start over"
+                "rerun with the same options to resume, or use --overwrite to start over" + hint
             )
 
     def _truncate_to_commit(self) -> None:
         rows, failures = self.rows, self.n_failures
         for dataset in self.file.values():
             if isinstance(dataset, h5py.Dataset) and dataset.shape[0] != rows:
-                if dataset.shape[0] < rows:
-                    raise ValueError(f"dataset {dataset.name} is shorter than the committed rows")
+                # longer: an interrupted write's leftovers; shorter (files of mpbatch <= 0.1):
+                # scores of rows added by a run without metrics, which read as not scored yet
                 dataset.resize(rows, axis=0)
         for dataset in self.file["failures"].values():
             if dataset.shape[0] != failures:
@@ -499,6 +538,7 @@ class MaskStore:
             raise ValueError(
                 f"columns of different lengths: { {k: len(v) for k, v in columns.items()} }"
             )
+        self._check_row_shapes(columns)
         batch = self.batches + 1
         try:  # both fail as plain OSErrors, before HDF5 touches the main file
             self._reserve(columns, failures)
@@ -510,6 +550,19 @@ class MaskStore:
                 "be written"
             ) from error
         self._append_main(columns, failures, batch)
+
+    def _check_row_shapes(self, columns: dict) -> None:
+        """Refuse, before the journal is written, a batch whose column does not fit the file's
+        (a curve of another length after `evaluate` rescored the file with another step):
+        such a part could never be replayed."""
+        for name, values in columns.items():
+            if name in self.file and isinstance(self.file[name], h5py.Dataset) and len(values):
+                stored, given = self.file[name].shape[1:], np.shape(values)[1:]
+                if stored != given:
+                    raise StoreError(
+                        f"{self.path}: column {name} holds rows of shape {stored}, and this run "
+                        f"makes {given}; nothing of this batch was written"
+                    )
 
     def _reserve(self, columns: dict, failures: list) -> None:
         """Make sure the disk (and the quota) has room for this batch before anything is
@@ -537,6 +590,9 @@ class MaskStore:
         if count:
             for name, values in columns.items():
                 self._write_rows(name, values, start, count)
+            for name, dataset in self.file.items():  # columns this batch lacks: fill values
+                if isinstance(dataset, h5py.Dataset) and name not in columns:
+                    dataset.resize(start + count, axis=0)
         if failures:
             self._write_failures(failures)
         _reached("main-write")
@@ -702,6 +758,33 @@ def _part_files(parts: Path) -> list[Path]:
     return sorted(parts.glob("part-*.h5")) if parts.is_dir() else []
 
 
+def _journal_covers(parts: Path) -> bool:
+    """Whether the journal holds every row of its main file: a base copy, or parts from the
+    first batch on (a run's journal from its start; parts are numbered by batch)."""
+    if (parts / BASE_PART).exists():
+        return True
+    files = _part_files(parts)
+    return bool(files) and files[0].name == f"part-{1:010d}.h5"
+
+
+def _set_aside(path: Path, suffix: str) -> Path:
+    """Move `path` to `path + suffix` (an earlier one of that name is replaced)."""
+    aside = path.with_name(path.name + suffix)
+    os.replace(path, aside)
+    return aside
+
+
+def _rescored_hint(attrs: h5py.AttributeManager, changed: list[str]) -> str:
+    """What continues a run whose scores `mpbatch evaluate` recomputed with other settings
+    (it records them in the config's `scoring`, see pipeline.evaluate)."""
+    if "scoring" not in changed or "evaluated" not in attrs:
+        return ""
+    return (
+        "; its scores were recomputed by `mpbatch evaluate`: resume with the scoring options "
+        "recorded there, or with --no-metrics and then run `mpbatch evaluate` again"
+    )
+
+
 def _write_part(parts: Path, columns: dict, failures: list, batch: int, config: dict) -> None:
     """Write one batch as parts/part-<batch>.h5 (see _write_journal_file)."""
 
@@ -754,22 +837,45 @@ def _part_config(parts: Path) -> dict:
 
 
 # -------------------------------------------------------------------- rewriting
-def replace_columns(path: str | Path, columns: dict[str, np.ndarray], **attrs) -> None:
-    """Overwrite (or add) whole per-image datasets of a finished file, e.g. recomputed metrics.
+def replace_columns(
+    path: str | Path, columns: dict[str, np.ndarray], config: dict | None = None, **attrs
+) -> None:
+    """Overwrite (or add) whole per-image datasets of a mask file, e.g. recomputed metrics;
+    `config`: keys of the stored config to set (what scored them).
 
-    Every array must have one entry per committed row.
+    Every array must have one entry per committed row. The file is changed in a copy that
+    replaces it whole, so a kill leaves the old file or the new one. A journal (a run not
+    finished) is replaced by a copy of the new file, so that its parts, made with the old
+    columns, are never replayed beside the new ones.
     """
-    with h5py.File(path, "r+") as file:
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.rewriting")
+    shutil.copyfile(path, temporary)
+    with h5py.File(temporary, "r+") as file:
         rows = int(file.attrs["rows"])
         for name, values in columns.items():
             array = np.asarray(values)
             if array.shape[0] != rows:
+                temporary.unlink()
                 raise ValueError(f"{path}: column {name} has {array.shape[0]} rows, not {rows}")
             if name in file:
                 del file[name]
             create_column(file, name, array)
+        if config:
+            file.attrs["config"] = json.dumps(
+                {**decode_attr(file.attrs["config"]), **config}, sort_keys=True
+            )
         for key, value in attrs.items():
             file.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+    with open(temporary, "rb+") as handle:
+        os.fsync(handle.fileno())
+    parts = journal_dir(path)
+    if _part_files(parts) or (parts / BASE_PART).exists():
+        shutil.copyfile(temporary, parts / f".tmp-{BASE_PART}")
+        os.replace(parts / f".tmp-{BASE_PART}", parts / BASE_PART)
+        for part in _part_files(parts):
+            part.unlink()
+    os.replace(temporary, path)
 
 
 def create_failures(file: h5py.File, failures: list[tuple]) -> None:

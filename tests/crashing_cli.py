@@ -1,8 +1,9 @@
 """`mpbatch` with fault injection, for the kill tests: `python -m crashing_cli run ...`.
 
 MPBATCH_KILL_AT="stage:n" kills this process with SIGKILL the n-th time the store reaches
-`stage` of its commit protocol ("part-write", "main-write", "after-commit": see
-pipeline.store.STAGE_OBSERVERS). Without it this is plain `mpbatch`.
+`stage` of its commit protocol ("base-write", "part-write", "main-write", "after-commit": see
+pipeline.store.STAGE_OBSERVERS). MPBATCH_SIGNAL_AT_REPORTS=SIGNAL sends this process that
+signal as `run` starts writing its reports. Without them this is plain `mpbatch`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import signal
 
 from cli import main
-from pipeline import store
+from pipeline import run, store
 
 
 def kill_at(spec: str):
@@ -28,7 +29,20 @@ def kill_at(spec: str):
     return observe
 
 
+def signal_at_reports(name: str) -> None:
+    """Make `run` send itself the signal `name` as it starts writing its reports."""
+    write_reports = run.write_run_reports
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), getattr(signal, name))
+        return write_reports(*args, **kwargs)
+
+    run.write_run_reports = signalled
+
+
 if __name__ == "__main__":
     if os.environ.get("MPBATCH_KILL_AT"):
         store.STAGE_OBSERVERS.append(kill_at(os.environ["MPBATCH_KILL_AT"]))
+    if os.environ.get("MPBATCH_SIGNAL_AT_REPORTS"):
+        signal_at_reports(os.environ["MPBATCH_SIGNAL_AT_REPORTS"])
     main()
