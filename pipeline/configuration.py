@@ -206,6 +206,8 @@ class RunOptions:
     randomisation_seed: int = 42
 
     def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise SettingsError(f"--limit {self.limit}: give a number of images, at least 1")
         if self.method is None:
             self.method = method_for_preset(self.preset)
         method = get_method(self.method)

@@ -92,29 +92,34 @@ def run(options: RunOptions) -> RunResult:
     """
     started = time.perf_counter()
     shard = resolve_shard(options.shard, os.environ)
+    if Path(options.out).resolve() == Path(options.data).resolve():
+        raise SettingsError(f"{options.out}: the output folder must not be DATA itself")
     samples, layout = discover(
         options.data,
         labels_csv=options.labels_csv,
         synset_mapping=options.synset_mapping,
         boxes_dir=options.boxes_dir,
+        exclude=options.out,  # OUT inside DATA: its figures are no images to explain
     )
     samples = samples[: options.limit] if options.limit is not None else samples
     out = prepare_out(options.out)
-    masks_name, report_name, failures_name = output_names(shard)
-    with hold(out / masks_name):  # before the model loads: a second process is refused at once
-        with StopSignals() as stop:
+    masks_name = output_names(shard)[0]
+    with StopSignals() as stop:
+        with hold(out / masks_name):  # before the model loads: a second process is refused
             job, part = _start(options, samples, layout, shard, out / masks_name, stop)
             outcome = _explain_into(job, part, shard, started)
-        write_run_reports(out / masks_name, out, report_name, failures_name)
+            stopped_at = stop.received
+            # a stop signal while the reports are written skips the rest; the rerun writes them
+            _write_reports(options, shard, out, outcome, stop)
+        if stop.received is None and shard.world > 1 and all_shards_complete(out, shard.world):
+            merge_once(out)  # the last shard to finish, its own file's lock let go
     if stop.received is not None:
-        raise Interrupted(
-            f"stopped by {stop.received} after {len(part) - outcome.left} of {len(part)} "
-            f"images of {out / masks_name}; rerun the same command to resume"
-        )
-    if shard.world == 1 and options.evaluation is not None:
-        write_summary(out / masks_name, out, skipped=outcome.failures)
-    elif shard.world > 1 and all_shards_complete(out, shard.world):
-        merge_once(out)
+        done = f"after {len(part) - outcome.left} of {len(part)} images of {out / masks_name}"
+        if stopped_at is None:
+            done = (
+                f"while writing the reports of {out / masks_name} (its {len(part)} images are done)"
+            )
+        raise Interrupted(f"stopped by {stop.received} {done}; rerun the same command to resume")
     seconds = time.perf_counter() - started
     return RunResult(
         out,
@@ -125,6 +130,15 @@ def run(options: RunOptions) -> RunResult:
         out / masks_name,
         job.timings,
     )
+
+
+def _write_reports(options: RunOptions, shard: Shard, out: Path, outcome, stop) -> None:
+    """report.csv and failures.csv, then the summary of a whole run, unless a stop signal
+    came first."""
+    masks_name, report_name, failures_name = output_names(shard)
+    write_run_reports(out / masks_name, out, report_name, failures_name)
+    if stop.received is None and shard.world == 1 and options.evaluation is not None:
+        write_summary(out / masks_name, out, skipped=outcome.failures)
 
 
 def _start(options, samples, layout, shard, masks_file, stop) -> tuple[_Job, list[int]]:
@@ -160,7 +174,7 @@ def _start(options, samples, layout, shard, masks_file, stop) -> tuple[_Job, lis
         masks_file,
         record.to_config(),
         versions(),
-        compare_keys=RunRecord.resume_keys(),
+        compare_keys=_resume_keys(options),
         overwrite=options.overwrite,
         fill_stored=lambda stored: upgrade_stored(stored, device),
     )
@@ -168,6 +182,13 @@ def _start(options, samples, layout, shard, masks_file, stop) -> tuple[_Job, lis
         log.warning("%s", store.repaired)
     job = _Job(options, method, settings, model, speed, samples, listing, store, {}, stop)
     return job, part
+
+
+def _resume_keys(options: RunOptions) -> list[str]:
+    """What a resume must match. Without metrics the scoring is not compared: the new rows
+    are not scored (their scores read as NaN until `mpbatch evaluate` scores the file)."""
+    keys = RunRecord.resume_keys()
+    return [k for k in keys if k != "scoring"] if options.evaluation is None else keys
 
 
 def _record(options, settings, layout, speed, device, shard, model) -> RunRecord:
