@@ -12,22 +12,32 @@ comparison are one file, named by a SHA-256 of everything they depend on:
   randomised stage of `mpbatch sanity` or a fine-tuned copy never share an entry);
 - the protocol: EvalOptions.settings() without the list of comparisons (step, tolerance,
   smoothing, seed, ROAD, precision), the scoring batch size, the device type;
+- the code: a SHA-256 of every module of the `pipeline` package (read once per process), of
+  the source of the comparison's own functions (a comparison registered from outside the
+  package), and of the source files that define the model's layers outside torch;
 - the versions of mpbatch, torch and numpy.
 
 Anything that could change a number changes the name, so a stale entry is never read; old
 entries are simply never asked for again. An entry is written to a temporary file and
-renamed, so a killed run leaves none half-written, and one that cannot be read is scored
-again (and rewritten). Layout: DIR/<first two hex digits>/<digest>.npz, one array per column.
+renamed, so a killed run leaves none half-written, and one that cannot be read (truncated,
+not a zip, a bad CRC) is a miss: scored again and rewritten, with one warning.
+Layout: DIR/<first two hex digits>/<digest>.npz, one array per column.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import logging
+import marshal
 import os
+import sys
 import tempfile
 import weakref
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,15 +50,60 @@ log = logging.getLogger(__name__)
 _MODEL_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+@functools.cache
+def package_digest() -> str:
+    """SHA-256 of the source of every module of the `pipeline` package (paths and bytes):
+    any change of the code a score may depend on changes it. Read once per process."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for file in sorted(root.rglob("*.py")):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def function_digest(*functions: Callable | None) -> str:
+    """SHA-256 of the functions' source (their compiled code where there is no source)."""
+    digest = hashlib.sha256()
+    for function in functions:
+        if function is None:
+            digest.update(b"none")
+            continue
+        try:
+            digest.update(inspect.getsource(function).encode())
+        except (OSError, TypeError):
+            code = getattr(function, "__code__", None)
+            digest.update(marshal.dumps(code) if code is not None else repr(function).encode())
+    return digest.hexdigest()
+
+
+def _model_code(model: torch.nn.Module, digest) -> None:
+    """Add the source files that define the model's layer classes, torch's own excepted
+    (torch's version is in the context): a custom `module:function` model's edited forward."""
+    files = set()
+    for module in model.modules():
+        name = type(module).__module__
+        if name.split(".")[0] == "torch":
+            continue
+        source = getattr(sys.modules.get(name), "__file__", None)
+        if source:
+            files.add(source)
+    for file in sorted(files):
+        digest.update(Path(file).name.encode() + b"\0")
+        digest.update(Path(file).read_bytes())
+
+
 def model_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of the model's name and every parameter and buffer (names, dtypes, shapes,
-    bytes); cached per model until any of them is written in place."""
+    """SHA-256 of the model's name, the source of its layer classes (outside torch) and
+    every parameter and buffer (names, dtypes, shapes, bytes); cached per model until any of
+    them is written in place."""
     tensors = list(model.state_dict().items())
     versions = tuple((name, t._version) for name, t in tensors)
     cached = _MODEL_DIGESTS.get(model)
     if cached is not None and cached[0] == versions:
         return cached[1]
     digest = hashlib.sha256(str(getattr(model, "name", type(model).__name__)).encode())
+    _model_code(model, digest)
     for name, tensor in tensors:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         flat = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d counters too
@@ -67,6 +122,7 @@ class ComparisonCache:
             {
                 **context,
                 "mpbatch": __version__,
+                "code": package_digest(),
                 "torch": torch.__version__,
                 "numpy": np.__version__,
             },
@@ -76,11 +132,15 @@ class ComparisonCache:
         self.hits = 0
         self.misses = 0
 
-    def key(self, name: str, path: str, image: torch.Tensor, size, target: int, boxes) -> str:
-        """The entry's digest for one image (3×H×W) of a comparison."""
+    def key(
+        self, name: str, code: str, path: str, image: torch.Tensor, size, target: int, boxes
+    ) -> str:
+        """The entry's digest for one image (3×H×W) of a comparison; `code`: the digest of
+        the comparison's own functions (function_digest)."""
         digest = hashlib.sha256(self.context.encode())
         fields = {
             "comparison": name,
+            "code": code,
             "path": path,
             "size": [int(v) for v in size],
             "target": int(target),
@@ -104,7 +164,7 @@ class ComparisonCache:
         try:
             with np.load(file, allow_pickle=False) as stored:
                 columns = {name: stored[name] for name in stored.files}
-        except (OSError, ValueError, EOFError) as error:
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
             log.warning("comparison cache entry %s unreadable (%s); scoring it again", file, error)
             self.misses += 1
             return None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .comparison_cache import ComparisonCache, model_digest
+from .comparison_cache import ComparisonCache, function_digest, model_digest
 from .comparisons import MapRequest, comparison_maps, get_comparison
 from .configuration import EvalOptions, eval_batch_size_for, resolve_eval_precision
 from .datasets import DatasetError, Sample
@@ -257,8 +257,10 @@ def _cached_scores(name: str, batch: _Batch, cache: ComparisonCache) -> dict[str
     """_scores, with each image's columns read from the cache where an entry exists and
     written to it where not."""
     request = batch.request
+    comparison = get_comparison(name)
+    code = function_digest(comparison.maps, comparison.points)
     keys = [
-        cache.key(name, path, request.images[i], batch.sizes[i], int(request.targets[i]), box)
+        cache.key(name, code, path, request.images[i], batch.sizes[i], int(request.targets[i]), box)
         for i, (path, box) in enumerate(zip(request.keys, batch.boxes, strict=True))
     ]
     found = [cache.get(key) for key in keys]

@@ -146,3 +146,64 @@ def test_the_model_digest_covers_every_tensor_and_follows_in_place_writes() -> N
         model.layer4[1].bn2.running_var.mul_(2.0)  # a buffer, not a parameter
     assert model_digest(model) != before
     assert model_digest(torchvision.models.resnet18(num_classes=4)) != model_digest(model)
+
+
+def _flip(raw: bytes, at: int) -> bytes:
+    return raw[:at] + bytes([raw[at] ^ 0xFF]) + raw[at + 1 :]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda raw: raw[: len(raw) // 2],  # truncated
+        lambda raw: b"PK\x03\x04" + b"\x00garbage" * 8,  # a zip header, then garbage
+        lambda raw: _flip(raw, len(raw) // 2),  # a flipped byte: its CRC fails
+    ],
+    ids=["truncated", "garbage-after-header", "flipped-byte"],
+)
+def test_a_damaged_entry_is_a_miss_with_one_warning(batch, counted, tmp_path, caplog, damage):
+    model, names = _tiny(), ("center",)
+    fresh = _score(model, batch, comparison_cache=tmp_path, baselines=names)
+    entry = sorted(tmp_path.rglob("*.npz"))[0]
+    entry.write_bytes(damage(entry.read_bytes()))
+    counted.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.comparison_cache"):
+        again = _score(model, batch, comparison_cache=tmp_path, baselines=names)
+    assert caplog.text.count("unreadable") == 1 and sum(n for _, n in counted) == 1
+    _same(again, fresh, atol=1e-6)
+
+
+def test_a_comparison_whose_code_changed_misses(batch, counted, tmp_path) -> None:
+    """A stand-in for an edit of the code that makes a comparison's map: the same name, other
+    code. The cache must not serve the old code's scores."""
+    from pipeline import comparisons
+
+    model = _tiny()
+    original = comparisons.get_comparison("center")
+    comparisons.register(dataclasses.replace(original, name="edited"))
+    try:
+        first = _score(model, batch, comparison_cache=tmp_path, baselines=("edited",))
+        comparisons.unregister("edited")
+        comparisons.register(
+            dataclasses.replace(original, name="edited", maps=lambda r: 1 - original.maps(r))
+        )
+        counted.clear()
+        second = _score(model, batch, comparison_cache=tmp_path, baselines=("edited",))
+        assert counted == [("edited", 3)]  # a miss for every image
+        fresh = _score(model, batch, baselines=("edited",))
+        _same(second, fresh)
+        assert not np.array_equal(first["edited_deletion_auc"], second["edited_deletion_auc"])
+    finally:
+        comparisons.unregister("edited")
+
+
+def test_the_key_follows_the_package_source(monkeypatch, tmp_path) -> None:
+    """Every module of `pipeline` is in the key: an edit of scoring code changes it."""
+    from pipeline import comparison_cache
+
+    before = comparison_cache.ComparisonCache(tmp_path, {}).context
+    comparison_cache.package_digest.cache_clear()
+    monkeypatch.setattr(comparison_cache.Path, "read_bytes", lambda self: b"edited source")
+    after = comparison_cache.ComparisonCache(tmp_path, {}).context
+    comparison_cache.package_digest.cache_clear()
+    assert before != after
