@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import h5py
+
 from .errors import MpbatchError, one_line
 
 log = logging.getLogger(__name__)
@@ -64,13 +66,19 @@ class Box:
 
 @dataclass
 class Sample:
-    """One image: path relative to the data root (POSIX), class index (-1 if unknown), boxes."""
+    """One image: path relative to the data root (POSIX), class index (-1 if unknown), boxes.
+
+    A file name that is not valid UTF-8 cannot be stored (HDF5 strings are UTF-8): its path
+    is the name with each undecodable byte written as \\xNN, and `unusable` says why, so
+    the image becomes one row of the failures and the run goes on."""
 
     path: str
     label: int
     boxes: tuple[Box, ...] = field(default_factory=tuple)
     width: int | None = None
     height: int | None = None
+    # why the image cannot be used, known before decoding (a name that is not UTF-8)
+    unusable: str = ""
 
 
 # --------------------------------------------------------------------------- ImageNet classes
@@ -161,8 +169,10 @@ def discover(
     synset_mapping: str | os.PathLike | None = None,
     boxes_dir: str | os.PathLike | None = None,
     ground_truth_txt: str | os.PathLike | None = None,
+    exclude: str | os.PathLike | None = None,
 ) -> tuple[list[Sample], str]:
-    """Find every image under `root` and its label/boxes.
+    """Find every image under `root` and its label/boxes; never under `exclude` (the run's
+    output folder) or under any folder that holds an mpbatch mask file.
 
     Returns (samples sorted by path, layout name). Layout names: "class_folders" (root/<wnid>/),
     "loc_csv" (labels from LOC_val_solution.csv), "voc_xml" (labels from box XMLs only) or
@@ -176,10 +186,12 @@ def discover(
     """
     root = Path(root)
     _check_root(root, ground_truth_txt)
-    paths = _find_images(root)
-    if not paths:
+    found = _find_images(root, exclude)
+    if not found:
         raise DatasetError(f"no images found in {root}")
-    samples = [Sample(path=p, label=-1, boxes=()) for p in paths]
+    samples = [
+        Sample(path=_escaped(p), label=-1, boxes=(), unusable=_name_problem(p)) for p in found
+    ]
 
     class_folders = [
         d.name for d in _list_dir(root) if d.is_dir() and _WNID_RE.match(d.name) is not None
@@ -241,28 +253,77 @@ def _list_dir(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if not p.name.startswith("."))
 
 
-def _find_images(root: Path) -> list[str]:
+# the files of an mpbatch run folder (pipeline.runfile): masks.h5, its shards, scores.h5
+_RUN_FILE_RE = re.compile(r"^(masks(-\d+-of-\d+)?|scores)\.h5$")
+
+
+def _holds_run(dirpath: str, filenames: list[str]) -> bool:
+    """Whether a folder is an mpbatch output folder: it holds an mpbatch mask file."""
+    for name in filenames:
+        if _RUN_FILE_RE.match(name):
+            try:
+                with h5py.File(os.path.join(dirpath, name), "r", locking=False) as file:
+                    if str(file.attrs.get("format", "")).startswith("mpbatch"):
+                        return True
+            except OSError:
+                continue
+    return False
+
+
+def _name_problem(path: str) -> str:
+    """Why an image cannot be used because of its name alone ("" when it can)."""
+    return "" if _utf8(path) else _NOT_UTF8
+
+
+_NOT_UTF8 = "the file name is not valid UTF-8 (shown with \\xNN escapes): rename the file"
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _find_images(root: Path, exclude: str | os.PathLike | None = None) -> list[str]:
     """Relative POSIX paths of image files under root (recursive, following directory
-    symlinks once, skipping hidden entries), sorted. Broken files and dangling links count."""
+    symlinks once, skipping hidden entries, `exclude` and mpbatch output folders), sorted
+    by their text. Broken files and dangling links count. A name that is not UTF-8 keeps
+    os.walk's surrogate escapes (`_escaped` makes it storable)."""
     found: list[str] = []
     seen_dirs: set[str] = set()
+    if exclude is not None:
+        seen_dirs.add(os.path.realpath(exclude))  # as if walked already: never entered
 
     def unreadable(exc: OSError) -> None:
-        raise DatasetError(f"{exc.filename}: cannot list folder ({exc.strerror or exc})")
+        raise DatasetError(f"{_escaped(exc.filename)}: cannot list folder ({exc.strerror or exc})")
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen_dirs:  # a symlink loop or the same folder linked twice
+        if real in seen_dirs:  # a symlink loop, the same folder linked twice, or `exclude`
             dirnames[:] = []
             continue
         seen_dirs.add(real)
+        if real != os.path.realpath(root) and _holds_run(dirpath, filenames):
+            log.warning("%s: skipped, it holds an mpbatch run's output", _escaped(dirpath))
+            dirnames[:] = []
+            continue
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
                 continue
             rel = os.path.relpath(os.path.join(dirpath, name), root)
             found.append(Path(rel).as_posix())
-    return sorted(found)
+    return sorted(found, key=_escaped)
+
+
+def _escaped(name) -> str:
+    """A file name as text: undecodable bytes (os.walk's surrogate escapes) as \\xNN."""
+    name = os.fspath(name)
+    if _utf8(name):
+        return name
+    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
 
 
 def _label_from_folders(root: Path, samples: list[Sample]) -> None:

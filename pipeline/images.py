@@ -172,8 +172,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         index = self.indices[i]
-        path = os.path.join(self.root, *self.samples[index].path.split("/"))
+        sample = self.samples[index]
+        path = os.path.join(self.root, *sample.path.split("/"))
         try:
+            if sample.unusable:
+                raise ImageDecodeError(sample.unusable)
             image, width, height = decode_image(path)
             image = resize_image(image, self.size)
             ok, error = True, ""

@@ -4,7 +4,10 @@ Two processes writing one mask file (a SLURM array given the same `-o` by mistak
 destroy each other's work, so `run`, `evaluate` and `merge` hold a lock on the file they
 write: OUT/.<name>.lock, taken with flock(2). The kernel releases it when its holder dies,
 so a lock left by a killed process never blocks a rerun; a live holder is named from the
-lock file (pid, host, start). Shards of one run write different files and run side by side.
+lock file (pid, host, start). A flock belongs to the open file, which a forked child (a
+DataLoader worker) shares: each child lets go of the locks its parent holds as it starts, so
+that workers outliving a killed run do not keep its folder locked. Shards of one run write
+different files and run side by side.
 flock works across hosts on NFS (Linux maps it to NFS byte-range locks) and on Lustre with
 the `flock` mount option.
 """
@@ -25,6 +28,25 @@ from .store import StoreError
 
 class OutputInUse(StoreError):
     """Another live process holds the output file."""
+
+
+_HELD: set[int] = set()  # descriptors of the lock files this process holds
+
+
+def _let_go_in_child() -> None:
+    """In a forked child: point each inherited lock descriptor at /dev/null, which drops the
+    child's share of the lock (the parent keeps it) and leaves no descriptor number free to be
+    reused by a later open."""
+    if not _HELD:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    for descriptor in _HELD:
+        os.dup2(null, descriptor)
+    os.close(null)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_let_go_in_child)
 
 
 def prepare_out(out: str | Path) -> Path:
@@ -79,9 +101,11 @@ def hold(target: str | Path) -> Iterator[None]:
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started}\n")
         handle.flush()
+        _HELD.add(handle.fileno())
         try:
             yield
         finally:
+            _HELD.discard(handle.fileno())
             handle.seek(0)
             handle.truncate()
     finally:

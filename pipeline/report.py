@@ -27,7 +27,7 @@ from .columns import (
 from .comparisons import comparison_names
 from .errors import SettingsError
 from .localization import ALPHA_GRID
-from .runfile import read_config
+from .runfile import RunFileError, read_config
 
 SUMMARY_CSV = "summary.csv"
 METRICS = tuple(c.name for c in MAP_METRICS if c.name != "loc_hit")
@@ -255,7 +255,10 @@ def compare_runs(paths: list[Path], names: list[str] | None = None) -> pd.DataFr
         path = Path(path)
         csv = path / SUMMARY_CSV if path.is_dir() else path
         if not csv.is_file():
-            raise FileNotFoundError(f"{csv}: no {SUMMARY_CSV} (run write_summary first)")
+            raise RunFileError(
+                f"{csv}: no such file: the run is not finished (resume it with `mpbatch run`), "
+                f"ran without metrics, or its shards are not merged (`mpbatch merge`)"
+            )
         folder = csv.resolve().parent
         config = read_config(folder)
         table = pd.read_csv(csv)

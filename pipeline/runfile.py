@@ -36,12 +36,36 @@ class RunFileError(MpbatchError):
     """A run folder without a mask file, or a file that is not one."""
 
 
+class RunFileBusy(RunFileError, BlockingIOError):
+    """A mask file that a live run is writing (HDF5's file lock). Also a BlockingIOError, so
+    that whoever reads a file that may be busy (a shard's completeness) catches it as
+    before."""
+
+
 def decode_strings(values: np.ndarray) -> np.ndarray | list[str]:
-    """HDF5 variable-length strings (bytes or str objects) as a list of str; numbers as
+    """HDF5 strings as a list of str: variable-length (bytes or str objects) and fixed-length
+    bytes (`np.array(paths, dtype="S")`, the common way to write them with h5py); numbers as
     they are."""
-    if values.dtype == object:
+    if values.dtype == object or values.dtype.kind == "S":
         return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
     return values
+
+
+def open_h5(path: str | Path) -> h5py.File:
+    """A mask file opened for reading; one that a live run is writing (HDF5's file lock)
+    raises RunFileError naming the run that holds it, instead of HDF5's BlockingIOError."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        if "unable to lock file" not in str(error).lower():
+            raise
+        path = Path(path)
+        lock = path.with_name(f".{path.name}.lock")  # pipeline.outdir's lock file
+        holder = lock.read_text().strip() if lock.is_file() else ""
+        raise RunFileBusy(
+            f"{path} is being written by a live run ({holder or 'another process'}); "
+            "rerun when it has ended or stopped"
+        ) from None
 
 
 def decode_attr(value: Any) -> Any:
@@ -77,7 +101,7 @@ def read_columns(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any
     A numeric column shorter than the committed rows (scores that `evaluate` wrote before a
     resumed `run --no-metrics` added images) is padded to them with NaN: those images are
     not scored yet."""
-    with h5py.File(path, "r") as file:
+    with open_h5(path) as file:
         rows = int(file.attrs.get("rows", 0))
         columns = {}
         for name, dataset in file.items():
@@ -94,7 +118,7 @@ def read_columns(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any
 
 def read_attrs(path: str | Path) -> dict[str, Any]:
     """A mask file's attributes alone (JSON decoded), without reading its datasets."""
-    with h5py.File(path, "r") as file:
+    with open_h5(path) as file:
         return decode_attrs(file.attrs)
 
 
@@ -123,7 +147,7 @@ def row_keys(group: h5py.Group, count: int) -> list[tuple[str, tuple[int, int]]]
 def read_failures(path: str | Path, stamps: bool = False) -> list[tuple]:
     """The (index, path, reason) triples recorded in a mask file; with `stamps`, also each
     file's (size, mtime_ns) as two more fields (unknown, -1, in older files)."""
-    with h5py.File(path, "r") as file:
+    with open_h5(path) as file:
         count = int(file.attrs.get("failures", 0))
         group = file["failures"]
         index = group["index"][:count]
@@ -147,7 +171,7 @@ def listing_of(file: h5py.File) -> Listing | None:
 
 def read_listing(path: str | Path) -> Listing | None:
     """The listing stored in a mask file (None for files that predate listings)."""
-    with h5py.File(path, "r") as file:
+    with open_h5(path) as file:
         return listing_of(file)
 
 

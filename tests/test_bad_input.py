@@ -4,6 +4,7 @@ file gets its mask; set-up errors are one clear line."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -272,3 +273,105 @@ def test_output_folder_problems_are_one_line(tmp_path, monkeypatch) -> None:
     assert "masks.h5: the file is not writable" in one_line(out)
     columns, _ = read_columns(out / "masks.h5")  # what was there is untouched
     assert len(columns["path"]) == 6
+
+
+# ------------------------------------------------------------------ the second night's edges
+def test_out_inside_data_is_never_listed(tmp_path) -> None:
+    """OUT inside DATA: its figures were listed as images, counted as replaced on every
+    resume and their rows moved out; a folder holding another run's output is skipped too."""
+    data = _six_images(tmp_path / "data")
+    out = data / "out"
+    for _ in range(2):
+        result = CliRunner().invoke(main, ["run", str(data), "-o", str(out), *ARGS])
+        assert result.exit_code == 0, result.output
+        shown = CliRunner().invoke(main, ["show", str(out), "-o", str(out / "figures")])
+        assert shown.exit_code == 0, shown.output
+    other = data / "elsewhere"  # another run's OUT, figures included, moved into DATA
+    shutil.copytree(out, other)
+    again = CliRunner().invoke(main, ["run", str(data), "-o", str(out), *ARGS])
+    assert again.exit_code == 0 and "already done" in again.output, again.output
+    columns, _ = read_columns(out / "masks.h5")
+    assert sorted(columns["path"]) == [f"{i}.png" for i in range(6)]
+    assert not (out / "dropped").exists()
+    itself = CliRunner().invoke(main, ["run", str(data), "-o", str(data), *ARGS])
+    assert itself.exit_code == 2 and "must not be DATA itself" in itself.output
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs a file system that takes any bytes")
+def test_a_name_that_is_not_utf8_is_one_failure_and_the_run_goes_on(tmp_path) -> None:
+    data = _six_images(tmp_path / "data")
+    shutil.copy(data / "0.png", os.fsencode(data) + b"/bad\xff\xfe.png")
+    out = tmp_path / "out"
+    for _ in range(2):  # and a rerun has nothing left to do
+        result = CliRunner().invoke(main, ["run", str(data), "-o", str(out), *ARGS])
+        assert result.exit_code == 0, result.output
+    assert "already done" in result.output
+    failures = pd.read_csv(out / "failures.csv")
+    assert list(failures["path"]) == ["bad\\xff\\xfe.png"]
+    assert "not valid UTF-8" in failures["reason"][0]
+    assert sorted(read_columns(out / "masks.h5")[0]["path"]) == [f"{i}.png" for i in range(6)]
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_a_limit_below_one_is_refused(tmp_path, limit) -> None:
+    data = _six_images(tmp_path / "data")
+    result = CliRunner().invoke(
+        main, ["run", str(data), "-o", str(tmp_path / "out"), *ARGS, "--limit", limit]
+    )
+    assert result.exit_code == 2 and f"--limit {limit}" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_show_and_report_of_a_run_still_being_written_are_one_line(tmp_path) -> None:
+    data = _six_images(tmp_path / "data")
+    out = tmp_path / "out"
+    assert CliRunner().invoke(main, ["run", str(data), "-o", str(out), *ARGS]).exit_code == 0
+    (out / "summary.csv").unlink()  # as a run in progress, or shards not merged, leave it
+    report = CliRunner().invoke(main, ["report", str(out), "-o", str(tmp_path / "c.csv")])
+    assert report.exit_code == 2 and "summary.csv: no such file" in report.output
+    assert len(report.output.strip().splitlines()) == 1, report.output
+    # a writer holds the file open, as a live run does (HDF5's file lock)
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r+');"
+            "print('open', flush=True); time.sleep(60)",
+            str(out / "masks.h5"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        shown = CliRunner().invoke(main, ["show", str(out), "-o", str(tmp_path / "figures")])
+        assert shown.exit_code == 2 and "is being written by a live run" in shown.output
+        assert len(shown.output.strip().splitlines()) == 1, shown.output
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_evaluate_refuses_a_path_listed_twice_and_reads_fixed_length_paths(tmp_path) -> None:
+    import h5py
+
+    data = _six_images(tmp_path / "data")
+    rng = np.random.default_rng(0)
+    twice, fixed = tmp_path / "twice.h5", tmp_path / "fixed.h5"
+    with h5py.File(twice, "w") as file:
+        file["path"] = np.array(["1.png", "2.png", "1.png"], dtype=object).astype(
+            h5py.string_dtype()
+        )
+        file["saliency"] = rng.random((3, 8, 8)).astype(np.float32)
+    with h5py.File(fixed, "w") as file:
+        file["path"] = np.array(["1.png", "2.png"], dtype="S")  # fixed-length bytes
+        file["saliency"] = rng.random((2, 8, 8)).astype(np.float32)
+    options = ["--data", str(data), *TINY_OPTIONS, "--step", "256", "--baselines", "none"]
+    refused = CliRunner().invoke(
+        main, ["evaluate", str(twice), "-o", str(tmp_path / "a"), *options]
+    )
+    assert refused.exit_code == 2 and "1.png is listed twice (rows 0 and 2)" in refused.output
+    scored = CliRunner().invoke(main, ["evaluate", str(fixed), "-o", str(tmp_path / "b"), *options])
+    assert scored.exit_code == 0, scored.output
+    assert list(pd.read_csv(tmp_path / "b" / "report.csv")["path"]) == ["1.png", "2.png"]

@@ -19,6 +19,7 @@ from pipeline.report import (
     macro_accuracy,
     summary_table,
 )
+from pipeline.runfile import RunFileError
 from pipeline.store import MaskStore
 
 NAN = float("nan")
@@ -246,7 +247,7 @@ def test_compare_runs_without_mask_file_or_summary(tmp_path) -> None:
     summary_table({"deletion_auc": np.array([0.1])}).to_csv(folder / "summary.csv", index=False)
     table = compare_runs([folder])
     assert list(table["run"]) == ["copied"] and table.loc[0, "model"] == ""
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(RunFileError, match="missing: no such file"):  # one line, exit 2
         compare_runs([tmp_path / "missing"])
 
 
