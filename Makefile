@@ -9,7 +9,7 @@ DEMO_OUT ?= demo-out
 # masks and both baselines 91 s).
 DEMO_ITERATIONS ?= 150
 
-.PHONY: install test test-slow lint format demo smoke clean
+.PHONY: install references test test-slow lint format demo smoke clean
 
 install: $(VENV)/.installed
 
@@ -18,22 +18,31 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e '.[dev]'
-	# test-only reference: TorchRay without its unmaintained pins (the modules the tests
-	# import need only torch, numpy and matplotlib, installed above)
-	$(BIN)/pip install --quiet --no-deps torchray==1.0.0.2
-	# test-only reference for ROAD: grad-cam's port of road_evaluation's imputer (tests/test_road.py
-	# loads that one file; the package's own imports, OpenCV and ttach, are not needed)
-	$(BIN)/pip install --quiet --no-deps grad-cam==1.5.7
-	# test-only reference for the sanity check: Quantus's MPRT (tests/test_randomisation.py).
-	# Its pins name opencv-python (GUI build); the headless build gives the same cv2 module
-	$(BIN)/pip install --quiet --no-deps quantus==0.6.0
-	$(BIN)/pip install --quiet opencv-python-headless scikit-learn cachetools
 	touch $@
 
-test: install
+# The tests' references, installed only for the tests (`make demo` needs none of them).
+# What they import is installed first; then each reference with --no-deps, which runs no
+# resolver check, so pip prints no conflict about the pins that are left out on purpose.
+references: $(VENV)/.references
+
+$(VENV)/.references: $(VENV)/.installed
+	# Quantus's MPRT needs OpenCV (its pin names the GUI build opencv-python; the headless
+	# build gives the same cv2 module), scikit-learn and cachetools
+	$(BIN)/pip install --quiet opencv-python-headless scikit-learn cachetools
+	# TorchRay without its unmaintained pins (the modules the tests import need only torch,
+	# numpy and matplotlib, installed above)
+	$(BIN)/pip install --quiet --no-deps torchray==1.0.0.2
+	# ROAD: grad-cam's port of road_evaluation's imputer (tests/test_road.py loads that one
+	# file; the package's own imports, OpenCV and ttach, are not needed)
+	$(BIN)/pip install --quiet --no-deps grad-cam==1.5.7
+	# the sanity check: Quantus's MPRT (tests/test_randomisation.py)
+	$(BIN)/pip install --quiet --no-deps quantus==0.6.0
+	touch $@
+
+test: references
 	$(BIN)/python -m pytest -q
 
-test-slow: install
+test-slow: references
 	$(BIN)/python -m pytest -q -m slow
 
 lint: install
