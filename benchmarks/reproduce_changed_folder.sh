@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Issue 23's reproductions, run against one checkout (TREE, default: this one), with the
-# project's .venv. A changed folder (swap, count, a finished run), two processes on one OUT,
+# A changing folder and a hostile first night, reproduced against one checkout (TREE,
+# default: this one), with the project's .venv. A changed folder (swap, count, a finished run), two processes on one OUT,
 # an exception inside the model, a full disk. Before/after transcripts:
-# benchmarks/results/issue23_reproductions_{before,after}.txt, made with
-#   TREE=<checkout of ac748b2> bash benchmarks/reproduce_issue23.sh   (before)
-#   bash benchmarks/reproduce_issue23.sh                             (after)
+# benchmarks/results/changed_folder_reproductions_{before,after}.txt, made with
+#   TREE=<checkout of ac748b2> bash benchmarks/reproduce_changed_folder.sh   (before)
+#   bash benchmarks/reproduce_changed_folder.sh                             (after)
 set -u
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 TREE=${TREE:-$HERE}
@@ -28,7 +28,7 @@ def make():
     return Boom()
 PYEOF
 export PYTHONPATH="$TREE:$TREE/tests:$W"
-# the kill points: tests/crashing_cli.py since issue 25, the store itself before
+# the kill points: tests/crashing_cli.py now, the store itself before
 KILLER=cli; [ -f "$TREE/tests/crashing_cli.py" ] && KILLER=crashing_cli
 cd "$TREE"
 mk() { $PY -c "
