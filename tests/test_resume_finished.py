@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from test_resume import ONE_A_BATCH, _new_image, mpbatch
 
-from pipeline.runfile import read_columns
-from pipeline.stopping import EXIT_INTERRUPTED
-from pipeline.store import journal_dir
+from pipeline.commands.stopping import EXIT_INTERRUPTED
+from pipeline.store.reader import read_columns
+from pipeline.store.writer import journal_dir
 
-FIRST = 3  # images of the first night
+FIRST = 4  # images of the first night (more than the new ones: re-explaining them would show)
 GROWN = 6  # images after the folder grew
 EVALUATE = ["--step", "64", "--baselines", "center", "--workers", "0", "--quiet"]
 # ONE_A_BATCH with evaluate's scoring protocol (the last value of an option wins)
@@ -80,7 +80,7 @@ def _assert_first_night_kept(out: Path, first_night: Path) -> dict:
     return got
 
 
-KILLS = ["base-write:1", "part-write:1", "main-write:1", "after-commit:1", "after-commit:3"]
+KILLS = ["base-write:1", "part-write:1", "main-write:1", "after-commit:1", "after-commit:2"]
 
 
 @pytest.mark.parametrize("kill_at", KILLS)
@@ -118,7 +118,7 @@ def test_a_resume_after_evaluate_with_the_runs_own_protocol_is_refused_in_one_li
     assert not journal_dir(out / "masks.h5").exists()
 
 
-@pytest.mark.parametrize("kill_at", ["base-write:1", "part-write:1", "after-commit:3"])
+@pytest.mark.parametrize("kill_at", ["base-write:1", "part-write:1", "after-commit:2"])
 def test_a_rescored_run_resumes_with_evaluates_protocol_through_any_kill(tmp_path, kill_at):
     data, out, first_night = _second_night(tmp_path, rescore=True)
     rescored, _ = read_columns(first_night)
