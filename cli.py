@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
-from pipeline.configuration import comparisons
+from pipeline.commands.configuration import comparisons
 from pipeline.methods import DEFAULT_METHOD, method_names, option_flags, preset_names
 
 
@@ -29,8 +29,8 @@ def _user_errors(function):
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
+        from pipeline.commands.stopping import EXIT_INTERRUPTED, Interrupted
         from pipeline.errors import MpbatchError
-        from pipeline.stopping import EXIT_INTERRUPTED, Interrupted
 
         try:
             return function(*args, **kwargs)
@@ -141,7 +141,7 @@ def _shared_options(function):
 
 
 def _evaluation_options(function):
-    """Options shared by `run` and `evaluate`: the scoring protocol (DESIGN §4)."""
+    """Options shared by `run` and `evaluate`: the scoring protocol (docs/design.md §4)."""
     return _apply(
         function,
         [
@@ -195,7 +195,7 @@ def _evaluation_options(function):
                 default=None,
                 help="Keep the comparison rows' scores in this folder and reuse them in any "
                 "later run on the same images, model and protocol (never a stale entry: see "
-                "pipeline/comparison_cache.py).",
+                "pipeline/metrics/comparison_cache.py).",
             ),
             click.option(
                 "--road",
@@ -233,7 +233,7 @@ def _batch_size(value: str) -> int | str:
 
 def _eval_options(options: dict):
     """The scoring protocol from the options of `_evaluation_options` (popped)."""
-    from pipeline.configuration import EvalOptions
+    from pipeline.commands.configuration import EvalOptions
 
     baselines = options.pop("baselines")
     return EvalOptions(
@@ -377,8 +377,8 @@ def run(data, out, metrics, **options) -> None:
     unfinished batch is dropped), write what is done and exit with status 75, so a requeued
     job continues where it stopped.
     """
-    from pipeline.run import describe
-    from pipeline.run import run as run_pipeline
+    from pipeline.commands.run import describe
+    from pipeline.commands.run import run as run_pipeline
 
     quiet = _tell(options)
     evaluation = _eval_options(options)
@@ -388,7 +388,7 @@ def run(data, out, metrics, **options) -> None:
 
 def _run_options(data, out, options: dict, evaluation, quiet: bool):
     """RunOptions from the options of `_explain_options` (and `run`'s own) as parsed."""
-    from pipeline.configuration import RunOptions
+    from pipeline.commands.configuration import RunOptions
     from pipeline.methods import method_for_preset, parse_overrides
 
     settings = {name: options.pop(name) for name in option_flags()}
@@ -457,8 +457,8 @@ def sanity(data, out, granularity, layers, randomisation_seed, stages, repeat, *
     each stage's maps to the original's. Each explanation is a run in its own folder under
     OUT, so rerunning the same command resumes.
     """
-    from pipeline.sanity import SanityOptions, describe
-    from pipeline.sanity import sanity as sanity_check
+    from pipeline.commands.sanity import SanityOptions, describe
+    from pipeline.commands.sanity import sanity as sanity_check
 
     quiet = _tell(options)
     evaluation = _eval_options(options)
@@ -498,7 +498,7 @@ def sanity(data, out, granularity, layers, randomisation_seed, stages, repeat, *
 @_user_errors
 def show(out, dest, limit, html, sort, ascending) -> None:
     """Draw image, perturbed image and saliency for the images of a run in OUT."""
-    from pipeline.outputs import write_figures, write_gallery
+    from pipeline.reports.writer import write_figures, write_gallery
 
     if html:
         count = 100 if limit is None else limit
@@ -551,8 +551,8 @@ def evaluate(source, **options):
     `saliency` (N×h×w, higher = more important), or an .npy array with --paths. Without
     SOURCE, --baseline scores a baseline on DATA.
     """
-    from pipeline.evaluate import EvaluateOptions
-    from pipeline.evaluate import evaluate as evaluate_maps
+    from pipeline.commands.evaluate import EvaluateOptions
+    from pipeline.commands.evaluate import evaluate as evaluate_maps
 
     quiet = _tell(options)
     evaluate_options = EvaluateOptions(
@@ -570,7 +570,7 @@ def evaluate(source, **options):
 @_user_errors
 def merge(out) -> None:
     """Join the shard files OUT/masks-IIIII-of-NNNNN.h5 into OUT/masks.h5 and the reports."""
-    from pipeline.shards import merge as merge_shards
+    from pipeline.commands.shards import merge as merge_shards
 
     merged = merge_shards(out)
     click.echo(f"merged into {merged}")
@@ -595,9 +595,9 @@ def merge(out) -> None:
 @_user_errors
 def report(runs, output, names) -> None:
     """Compare the summaries of several runs side by side (one row per run and method)."""
-    from pipeline.markdown import markdown_table
-    from pipeline.outputs import write_comparison
-    from pipeline.report import compare_runs
+    from pipeline.reports.markdown import markdown_table
+    from pipeline.reports.tables import compare_runs
+    from pipeline.reports.writer import write_comparison
 
     table = compare_runs(list(runs), list(names) or None)
     click.echo(markdown_table(table))

@@ -37,9 +37,9 @@ from bench_scoring_format import append_rows  # noqa: E402
 from parity import load_images, torchray_masks  # noqa: E402
 from profile_extremal import seconds_of  # noqa: E402
 
-from pipeline.extremal import EXTREMAL_PRESETS, extremal_masks  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
-from pipeline.optimize import SpeedOptions  # noqa: E402
+from pipeline.methods.extremal.optimizer import EXTREMAL_PRESETS, extremal_masks  # noqa: E402
+from pipeline.methods.meaningful.optimizer import SpeedOptions  # noqa: E402
+from pipeline.models.registry import load_model  # noqa: E402
 
 
 def speed_of(path: str) -> SpeedOptions:

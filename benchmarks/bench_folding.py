@@ -1,4 +1,4 @@
-"""Scoring with batch norm folded into the convolutions (pipeline.folding, which
+"""Scoring with batch norm folded into the convolutions (pipeline.models.folding, which
 scoring.evaluate_batch uses): the deletion + insertion curves of the same images with the
 model as loaded and with its folded copy, both in channels_last on the CPU as scoring runs
 them, timed alternately in one process so background load hits both alike.
@@ -28,8 +28,8 @@ from bench_scoring_format import (  # noqa: E402
     timed,
 )
 
-from pipeline.folding import foldable_pairs, scoring_model  # noqa: E402
-from pipeline.models import channels_last_on_cpu, load_model  # noqa: E402
+from pipeline.models.folding import foldable_pairs, scoring_model  # noqa: E402
+from pipeline.models.registry import channels_last_on_cpu, load_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,8 +3,8 @@
 (a) reference: for each image, the RISE-style loop: start from the image (deletion) or its
     blurred copy (insertion), score it, change the next `step` pixels of the saliency order
     in place, score again, ... one model call per step with a batch of one image;
-(b) batched: ``pipeline.metrics.perturbation_curves``, all step images of all images in
-    chunks of ``--eval-batch-size``.
+(b) batched: ``pipeline.metrics.deletion_insertion.perturbation_curves``, all step images
+    of all images in chunks of ``--eval-batch-size``.
 
 Both run on the same images, saliency maps, targets and model; the script prints the
 largest difference between their curves and the images/s of each (deletion and insertion
@@ -35,7 +35,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.metrics import CurveProtocol, perturbation_curves  # noqa: E402
+from pipeline.metrics.deletion_insertion import CurveProtocol, perturbation_curves  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -61,9 +61,9 @@ def load_model(name: str) -> tuple[nn.Module, str]:
     """Random-weight model: the project's registry when it has one, else torchvision."""
     torch.manual_seed(0)
     try:
-        from pipeline.models import load_model as registry_load
+        from pipeline.models.registry import load_model as registry_load
 
-        return registry_load(name, "random"), f"pipeline.models:{name} (random weights)"
+        return registry_load(name, "random"), f"pipeline.models.registry:{name} (random weights)"
     except Exception:  # registry missing, or it cannot give random weights: use torchvision
         import torchvision
 

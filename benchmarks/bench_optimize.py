@@ -2,9 +2,9 @@
 
 (a) reference: one image at a time, float32, NCHW, batch 1, plain autograd and
     torch.optim.Adam: the seed script's loop, written out below;
-(b) ``pipeline.optimize.optimize_masks`` at its defaults and with each ``SpeedOptions``
-    variant (bf16 autocast, channels_last, foreach / fused Adam, the recommended combination,
-    optionally torch.compile), at each batch size.
+(b) ``pipeline.methods.meaningful.optimizer.optimize_masks`` at its defaults and with each
+    ``SpeedOptions`` variant (bf16 autocast, channels_last, foreach / fused Adam, the
+    recommended combination, optionally torch.compile), at each batch size.
 
 Both do the seed preset's per-iteration work at 224×224: the blur-median substrate is computed
 once per image outside the timing, the Gaussian noise is drawn every iteration. Only a few
@@ -39,16 +39,16 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.models import load_model  # noqa: E402
-from pipeline.optimize import (  # noqa: E402
+from pipeline.data.seeding import image_seed  # noqa: E402
+from pipeline.methods.meaningful.optimizer import (  # noqa: E402
     PRESETS,
     SpeedOptions,
     cpu_bf16_support,
     optimize_masks,
     total_variation,
 )
-from pipeline.perturbations import make_substrate  # noqa: E402
-from pipeline.seeding import image_seed  # noqa: E402
+from pipeline.methods.perturbations import make_substrate  # noqa: E402
+from pipeline.models.registry import load_model  # noqa: E402
 
 SETTINGS = PRESETS["seed"]
 

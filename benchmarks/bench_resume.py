@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.store import MaskStore  # noqa: E402
+from pipeline.store.writer import MaskStore  # noqa: E402
 
 
 def batch_columns(start: int, count: int) -> dict:

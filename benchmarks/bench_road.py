@@ -25,10 +25,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 from bench_resume import cpu_name  # noqa: E402
 from test_road import _reference  # noqa: E402
 
-from pipeline.datasets import discover  # noqa: E402
-from pipeline.images import decode_image, resize_image  # noqa: E402
-from pipeline.metrics import center_saliency  # noqa: E402
-from pipeline.road import ORDERS, ROAD_FRACTIONS, linear_imputation, removed_pixels  # noqa: E402
+from pipeline.data.datasets import discover  # noqa: E402
+from pipeline.data.images import decode_image, resize_image  # noqa: E402
+from pipeline.metrics.deletion_insertion import center_saliency  # noqa: E402
+from pipeline.metrics.road import ORDERS, ROAD_FRACTIONS, linear_imputation, removed_pixels  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-val-sample"
 

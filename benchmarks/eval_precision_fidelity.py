@@ -31,12 +31,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from bench_resume import cpu_name  # noqa: E402
 from bench_scoring_format import append_rows  # noqa: E402
 
-from pipeline.datasets import discover  # noqa: E402
-from pipeline.folding import scoring_model  # noqa: E402
-from pipeline.images import ImageFolderDataset  # noqa: E402
+from pipeline.data.datasets import discover  # noqa: E402
+from pipeline.data.images import ImageFolderDataset  # noqa: E402
 from pipeline.methods import get_method  # noqa: E402
-from pipeline.metrics import CurveProtocol, auc, perturbation_curves  # noqa: E402
-from pipeline.models import Bf16Forward, channels_last_on_cpu, load_model  # noqa: E402
+from pipeline.metrics.deletion_insertion import CurveProtocol, auc, perturbation_curves  # noqa: E402
+from pipeline.models.folding import scoring_model  # noqa: E402
+from pipeline.models.registry import Bf16Forward, channels_last_on_cpu, load_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MEAN_GATE, MAX_GATE = 0.002, 0.01

@@ -1,7 +1,7 @@
 """Fidelity of the fast paths: masks made with bf16 autocast and/or torch.compile against the
 float32 eager masks of the same images, and the summary metrics of each.
 
-Runs ``pipeline.run.run`` once per variant on the same images (same seeds, same targets),
+Runs ``pipeline.commands.run.run`` once per variant on the same images (same seeds, same targets),
 each into its own folder under ``--work``, with deletion / insertion / pointing scored as usual
 (no baselines). Then, per variant against ``fp32``:
 
@@ -33,9 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.configuration import EvalOptions, RunOptions  # noqa: E402
-from pipeline.run import run  # noqa: E402
-from pipeline.runfile import read_columns  # noqa: E402
+from pipeline.commands.configuration import EvalOptions, RunOptions  # noqa: E402
+from pipeline.commands.run import run  # noqa: E402
+from pipeline.store.reader import read_columns  # noqa: E402
 
 # variant name -> (precision, torch.compile, CUDA graphs)
 VARIANTS = {

@@ -33,7 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from bench_scoring_format import append_rows  # noqa: E402
 
-from pipeline.runfile import read_columns  # noqa: E402
+from pipeline.store.reader import read_columns  # noqa: E402
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,12 +1,12 @@
 """mpbatch side by side with the reference implementations, on real images.
 
 1. Extremal perturbations: TorchRay's own `extremal_perturbation` (PyPI `torchray`) against
-   `pipeline.extremal.extremal_masks`, same model, image, target, areas, iterations. Per image
-   and area: Pearson r of the two masks, both areas (fraction of pixels > 0.5), and the
-   distance between the points the two saliency maps choose under TorchRay's benchmark
-   protocol (masks resized to the original size, smoothed with σ = 0.09·min(H, W), summed
-   over areas); the seconds per image of each (TorchRay one image at a time, mpbatch the
-   whole batch at once, divided by its size).
+   `pipeline.methods.extremal.optimizer.extremal_masks`, same model, image, target, areas,
+   iterations. Per image and area: Pearson r of the two masks, both areas (fraction of
+   pixels > 0.5), and the distance between the points the two saliency maps choose under
+   TorchRay's benchmark protocol (masks resized to the original size, smoothed with
+   σ = 0.09·min(H, W), summed over areas); the seconds per image of each (TorchRay one image
+   at a time, mpbatch the whole batch at once, divided by its size).
    Controls, because the optimisation amplifies float rounding exponentially (a 1e-7
    difference after the first step reaches O(1) within a few hundred steps): TorchRay against
    itself run on 1 thread instead of `--threads` (r_torchray_vs_itself), and mpbatch with the
@@ -33,12 +33,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline.datasets import discover
-from pipeline.extremal import ExtremalSettings, extremal_masks, extremal_saliency
-from pipeline.images import decode_image, resize_image
-from pipeline.metrics import CurveProtocol, score_saliency
-from pipeline.models import load_model
-from pipeline.pointing import pointing_points
+from pipeline.data.datasets import discover
+from pipeline.data.images import decode_image, resize_image
+from pipeline.methods.extremal.optimizer import ExtremalSettings, extremal_masks, extremal_saliency
+from pipeline.metrics.deletion_insertion import CurveProtocol, score_saliency
+from pipeline.metrics.pointing import pointing_points
+from pipeline.models.registry import load_model
 
 RESULTS = Path(__file__).parent / "results"
 

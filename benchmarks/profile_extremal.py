@@ -33,7 +33,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from bench_resume import cpu_name  # noqa: E402
 from bench_scoring_format import append_rows  # noqa: E402
 
-from pipeline.extremal import (  # noqa: E402
+from pipeline.methods import get_method  # noqa: E402
+from pipeline.methods.extremal.optimizer import (  # noqa: E402
     ExtremalSettings,
     _problem,
     area_loss,
@@ -41,10 +42,9 @@ from pipeline.extremal import (  # noqa: E402
     extremal_masks,
     reward_scores,
 )
-from pipeline.methods import get_method  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
-from pipeline.optimize import SpeedOptions, _autocast, _prepare_model  # noqa: E402
-from pipeline.perturbations import apply_blur_pyramid  # noqa: E402
+from pipeline.methods.meaningful.optimizer import SpeedOptions, _autocast, _prepare_model  # noqa: E402
+from pipeline.methods.perturbations import apply_blur_pyramid  # noqa: E402
+from pipeline.models.registry import load_model  # noqa: E402
 
 
 def seconds_of(work, device: torch.device) -> float:

@@ -37,9 +37,9 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.report import bootstrap_ci, summary_table  # noqa: E402
-from pipeline.runfile import map_label, read_columns  # noqa: E402
-from pipeline.shards import sum_timings  # noqa: E402
+from pipeline.commands.shards import sum_timings  # noqa: E402
+from pipeline.reports.tables import bootstrap_ci, summary_table  # noqa: E402
+from pipeline.store.reader import map_label, read_columns  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -65,11 +65,11 @@ PAIRED_GRADCAM = ("deletion_auc", "insertion_auc")  # issue 12's aim: better tha
 
 
 def is_small_object(data: Path, sample) -> bool:
-    """DESIGN §4's small-object subset: the label's boxes cover < 25% of the photo."""
+    """docs/design.md §4's small-object subset: the label's boxes cover < 25% of the photo."""
     from PIL import Image
 
-    from pipeline.pointing import box_coverage
-    from pipeline.scoring import target_boxes
+    from pipeline.metrics.pointing import box_coverage
+    from pipeline.metrics.scoring import target_boxes
 
     boxes = target_boxes(sample, sample.label)
     if boxes is None:
@@ -85,7 +85,7 @@ def subset_folder(
     """OUT_ROOT/data-START-STOP: links to images [start, stop) of DATA (sorted as mpbatch
     sorts them) beside DATA's label and box files, so a run sees only those images.
     `small_only`: only the small-object images among them (folder data-START-STOP-small)."""
-    from pipeline.datasets import discover
+    from pipeline.data.datasets import discover
 
     samples, _ = discover(data)
     folder = out_root / (f"data-{start}-{stop}" + ("-small" if small_only else ""))
@@ -292,7 +292,7 @@ SHOWN = [
     "loc_error",
     "loc_error_value",
     "loc_error_mean",
-    "road_morf",  # with --road only (the columns of a summary come from pipeline.columns)
+    "road_morf",  # with --road only (the columns of a summary come from pipeline.reports.schema)
     "road_lerf",
     "road_gap",
     "prob_masked_median",

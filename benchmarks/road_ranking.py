@@ -24,8 +24,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.report import summary_table  # noqa: E402
-from pipeline.runfile import RunFile  # noqa: E402
+from pipeline.reports.tables import summary_table  # noqa: E402
+from pipeline.store.reader import RunFile  # noqa: E402
 
 # metric -> better direction ("lower" ranks ascending)
 RANKED = {

@@ -23,10 +23,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from bench_resume import cpu_name  # noqa: E402
 
-from pipeline.outputs import save_figure  # noqa: E402
-from pipeline.runfile import read_attrs  # noqa: E402
-from pipeline.sanity import sanity_summary  # noqa: E402
-from pipeline.visualize import sanity_figure  # noqa: E402
+from pipeline.commands.sanity import sanity_summary  # noqa: E402
+from pipeline.reports.pictures import sanity_figure  # noqa: E402
+from pipeline.reports.writer import save_figure  # noqa: E402
+from pipeline.store.reader import read_attrs  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -2,7 +2,7 @@
 
 MPBATCH_KILL_AT="stage:n" kills this process with SIGKILL the n-th time the store reaches
 `stage` of its commit protocol ("base-write", "part-write", "main-write", "after-commit": see
-pipeline.store.STAGE_OBSERVERS). MPBATCH_SIGNAL_AT_REPORTS=SIGNAL sends this process that
+pipeline.store.writer.STAGE_OBSERVERS). MPBATCH_SIGNAL_AT_REPORTS=SIGNAL sends this process that
 signal as `run` starts writing its reports. Without them this is plain `mpbatch`.
 """
 
@@ -12,7 +12,8 @@ import os
 import signal
 
 from cli import main
-from pipeline import run, store
+from pipeline.commands import run
+from pipeline.store import writer as store
 
 
 def kill_at(spec: str):

@@ -18,8 +18,8 @@ from PIL import Image
 from tiny_models import TINY_OPTIONS
 
 from cli import main
-from pipeline.batching import halve_on_oom
-from pipeline.runfile import read_columns
+from pipeline.commands.batching import halve_on_oom
+from pipeline.store.reader import read_columns
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [
@@ -138,7 +138,7 @@ def test_out_of_memory_halves_the_batch_until_it_fits() -> None:
 
 
 def test_auto_batch_size_keeps_a_margin_below_the_largest_that_fits() -> None:
-    from pipeline.batching import CPU_BATCH_SIZE, auto_batch_size
+    from pipeline.commands.batching import CPU_BATCH_SIZE, auto_batch_size
 
     tried = []
 

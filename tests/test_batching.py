@@ -1,4 +1,4 @@
-"""pipeline/batching.py: padding a short batch to the compiled shape, and the batch-size
+"""pipeline/commands/batching.py: padding a short batch to the compiled shape, and the batch-size
 probe, which must never compile (one compiled shape per run)."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import pytest
 import torch
 from tiny_models import TinyCNN
 
-from pipeline.batching import batch_probe, explain_padded, padded_size, probe_speed
+from pipeline.commands.batching import batch_probe, explain_padded, padded_size, probe_speed
 from pipeline.methods import get_method
 from pipeline.methods.meaningful import MeaningfulPerturbation
-from pipeline.models import NormalizedClassifier
-from pipeline.optimize import MaskSettings, SpeedOptions
+from pipeline.methods.meaningful.optimizer import MaskSettings, SpeedOptions
+from pipeline.models.registry import NormalizedClassifier
 
 SETTINGS = MaskSettings(iterations=6, mask_size=8, blur_kernel=5, blur_sigma=2.0)
 

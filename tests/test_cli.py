@@ -224,7 +224,7 @@ def _evaluate_args(data) -> list[str]:
 
 
 def _columns(path):
-    from pipeline.runfile import read_columns
+    from pipeline.store.reader import read_columns
 
     return read_columns(path)[0]
 
@@ -264,7 +264,7 @@ def test_evaluate_foreign_maps_equals_run(class_folders, tmp_path) -> None:
     ]
     assert CliRunner().invoke(main, args).exit_code == 0
     from pipeline.methods import get_method, settings_from_config
-    from pipeline.runfile import read_columns
+    from pipeline.store.reader import read_columns
 
     run_columns, attrs = read_columns(out / "masks.h5")
     # what the run scored: 1 − the mask as the optimiser applied it, at the input size

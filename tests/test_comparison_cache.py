@@ -1,4 +1,4 @@
-"""pipeline.comparison_cache through scoring.evaluate_batch: reused scores equal fresh ones,
+"""pipeline.metrics.comparison_cache through scoring.evaluate_batch: reused scores equal fresh ones,
 and anything that could change a score misses the cache."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import pytest
 import torch
 from tiny_models import TinyCNN
 
-from pipeline import scoring
-from pipeline.configuration import EvalOptions
-from pipeline.datasets import Box, Sample
-from pipeline.models import NormalizedClassifier
-from pipeline.scoring import evaluate_batch
+from pipeline.commands.configuration import EvalOptions
+from pipeline.data.datasets import Box, Sample
+from pipeline.metrics import scoring
+from pipeline.metrics.scoring import evaluate_batch
+from pipeline.models.registry import NormalizedClassifier
 
 NAMES = ("center", "random", "gradcam")
 
@@ -124,7 +124,7 @@ def test_an_unreadable_entry_is_scored_again(batch, counted, tmp_path, caplog) -
     entry = sorted(tmp_path.rglob("*.npz"))[0]
     entry.write_bytes(b"not a zip")
     counted.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.comparison_cache"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.metrics.comparison_cache"):
         again = _score(model, batch, comparison_cache=tmp_path, baselines=names)
     assert "unreadable" in caplog.text and sum(n for _, n in counted) == 1
     _same(again, fresh, atol=1e-6)
@@ -137,7 +137,7 @@ def test_an_unreadable_entry_is_scored_again(batch, counted, tmp_path, caplog) -
 def test_the_model_digest_covers_every_tensor_and_follows_in_place_writes() -> None:
     import torchvision
 
-    from pipeline.comparison_cache import model_digest
+    from pipeline.metrics.comparison_cache import model_digest
 
     model = torchvision.models.resnet18(num_classes=4).eval()  # 0-d BatchNorm counters too
     before = model_digest(model)
@@ -167,7 +167,7 @@ def test_a_damaged_entry_is_a_miss_with_one_warning(batch, counted, tmp_path, ca
     entry = sorted(tmp_path.rglob("*.npz"))[0]
     entry.write_bytes(damage(entry.read_bytes()))
     counted.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.comparison_cache"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.metrics.comparison_cache"):
         again = _score(model, batch, comparison_cache=tmp_path, baselines=names)
     assert caplog.text.count("unreadable") == 1 and sum(n for _, n in counted) == 1
     _same(again, fresh, atol=1e-6)
@@ -176,7 +176,7 @@ def test_a_damaged_entry_is_a_miss_with_one_warning(batch, counted, tmp_path, ca
 def test_a_comparison_whose_code_changed_misses(batch, counted, tmp_path) -> None:
     """A stand-in for an edit of the code that makes a comparison's map: the same name, other
     code. The cache must not serve the old code's scores."""
-    from pipeline import comparisons
+    from pipeline.metrics import comparisons
 
     model = _tiny()
     original = comparisons.get_comparison("center")
@@ -199,7 +199,7 @@ def test_a_comparison_whose_code_changed_misses(batch, counted, tmp_path) -> Non
 
 def test_the_key_follows_the_package_source(monkeypatch, tmp_path) -> None:
     """Every module of `pipeline` is in the key: an edit of scoring code changes it."""
-    from pipeline import comparison_cache
+    from pipeline.metrics import comparison_cache
 
     before = comparison_cache.ComparisonCache(tmp_path, {}).context
     comparison_cache.package_digest.cache_clear()

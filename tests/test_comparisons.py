@@ -14,7 +14,8 @@ from PIL import Image
 from tiny_models import TINY_OPTIONS, make_tiny_cnn
 
 from cli import main
-from pipeline.comparisons import (
+from pipeline.errors import SettingsError
+from pipeline.metrics.comparisons import (
     Comparison,
     MapRequest,
     comparison_maps,
@@ -23,9 +24,8 @@ from pipeline.comparisons import (
     register,
     unregister,
 )
-from pipeline.errors import SettingsError
-from pipeline.metrics import center_saliency, random_saliency
-from pipeline.pointing import center_points
+from pipeline.metrics.deletion_insertion import center_saliency, random_saliency
+from pipeline.metrics.pointing import center_points
 
 
 def _request(batch: int = 2, size: int = 16) -> MapRequest:

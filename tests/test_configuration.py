@@ -1,4 +1,5 @@
-"""pipeline/configuration.py: options, the typed run record, and which speed options apply."""
+"""pipeline/commands/configuration.py: options, the typed run record, and which speed options
+apply."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline.configuration import (
+from pipeline.commands.configuration import (
     EvalOptions,
     RunOptions,
     RunRecord,
     applied_speed,
     upgrade_stored,
 )
-from pipeline.optimize import SpeedOptions
+from pipeline.methods.meaningful.optimizer import SpeedOptions
 
 
 def test_cuda_speed_options_follow_the_h100_measurements(monkeypatch) -> None:

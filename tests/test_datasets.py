@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import (
+from pipeline.data.datasets import (
     IMAGE_EXTENSIONS,
     Box,
     DatasetError,

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from tiny_models import BrightRegionModel, TinyCNN
 
-from pipeline.extremal import (
+from pipeline.data.seeding import image_seed
+from pipeline.methods.extremal.mask_generators import MaskGenerator, grid_shape, mask_kernel
+from pipeline.methods.extremal.optimizer import (
     ExtremalSettings,
     area_loss,
     area_references,
@@ -18,9 +20,7 @@ from pipeline.extremal import (
     render_masks,
     reward_scores,
 )
-from pipeline.optimize import SpeedOptions
-from pipeline.seeding import image_seed
-from pipeline.smooth_masks import MaskGenerator, grid_shape, mask_kernel
+from pipeline.methods.meaningful.optimizer import SpeedOptions
 
 # Cheap settings for the equivalence tests: 3×3 taps per pixel, few iterations.
 FAST = ExtremalSettings(

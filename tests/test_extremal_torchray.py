@@ -12,9 +12,9 @@ import pytest
 import torch
 from tiny_models import TinyCNN
 
-from pipeline.extremal import ExtremalSettings, extremal_masks, render_masks
-from pipeline.perturbations import apply_blur_pyramid, blur_pyramid
-from pipeline.smooth_masks import MaskGenerator
+from pipeline.methods.extremal.mask_generators import MaskGenerator
+from pipeline.methods.extremal.optimizer import ExtremalSettings, extremal_masks, render_masks
+from pipeline.methods.perturbations import apply_blur_pyramid, blur_pyramid
 
 torchray_ep = pytest.importorskip("torchray.attribution.extremal_perturbation")
 

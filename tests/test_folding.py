@@ -1,4 +1,4 @@
-"""pipeline.folding: batch norm folded into convolutions gives the same logits, only where
+"""pipeline.models.folding: batch norm folded into convolutions gives the same logits, only where
 the data flow allows, and never from a stale copy."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torchvision
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-from pipeline import folding
-from pipeline.folding import fold_batch_norm, foldable_pairs, scoring_model
-from pipeline.models import NormalizedClassifier
+from pipeline.models import folding
+from pipeline.models.folding import fold_batch_norm, foldable_pairs, scoring_model
+from pipeline.models.registry import NormalizedClassifier
 
 
 class OddNorm(nn.BatchNorm2d):
@@ -106,16 +106,16 @@ def test_a_fold_that_changes_the_logits_is_refused_and_said(monkeypatch, caplog)
             conv.weight.mul_(3.0)
 
     monkeypatch.setattr(folding, "_fold_into", broken)
-    with caplog.at_level(logging.WARNING, logger="pipeline.folding"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.models.folding"):
         chosen = scoring_model(model, torch.rand(2, 3, 12, 12))
     assert chosen is model
     assert "left unfolded" in caplog.text
 
 
 def test_scoring_with_folding_equals_scoring_without(monkeypatch) -> None:
-    from pipeline.configuration import EvalOptions
-    from pipeline.datasets import Sample
-    from pipeline.scoring import evaluate_batch
+    from pipeline.commands.configuration import EvalOptions
+    from pipeline.data.datasets import Sample
+    from pipeline.metrics.scoring import evaluate_batch
 
     network = _trained_like(torchvision.models.resnet18(num_classes=6), seed=5)
     model = NormalizedClassifier(network, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).eval()
@@ -127,7 +127,7 @@ def test_scoring_with_folding_equals_scoring_without(monkeypatch) -> None:
     options = EvalOptions(step=64, baselines=("center",))
     args = (model, images, saliency, targets, samples, [(32, 32)] * 2, options)
     folded = evaluate_batch(*args)
-    monkeypatch.setattr("pipeline.scoring.scoring_model", lambda model, probe: model)
+    monkeypatch.setattr("pipeline.metrics.scoring.scoring_model", lambda model, probe: model)
     plain = evaluate_batch(*args)
     for key in ("deletion_auc", "insertion_auc", "center_deletion_auc", "deletion_curve"):
         torch.testing.assert_close(

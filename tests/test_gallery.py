@@ -17,10 +17,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.columns import METHOD_ROW
-from pipeline.gallery import GalleryMap, default_metrics
-from pipeline.outputs import write_gallery_page
-from pipeline.visualize import thumbnail_size, thumbnails
+from pipeline.reports.gallery import GalleryMap, default_metrics
+from pipeline.reports.pictures import thumbnail_size, thumbnails
+from pipeline.reports.schema import METHOD_ROW
+from pipeline.reports.writer import write_gallery_page
 
 CHROMIUM = Path("/usr/bin/chromium")
 NASTY_PATH = "val/<img src=x onerror=alert(1)>&amp;\"q'</script><b>x.JPEG"

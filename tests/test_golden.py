@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from pipeline.outputs import write_failures_csv, write_report_csv, write_summary
+from pipeline.reports.writer import write_failures_csv, write_report_csv, write_summary
 
 GOLDEN = Path(__file__).parent / "golden"
 RUNS = ("seed", "paper")

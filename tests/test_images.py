@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.datasets import discover
-from pipeline.images import ImageDecodeError, ImageFolderDataset, decode_image
+from pipeline.data.datasets import discover
+from pipeline.data.images import ImageDecodeError, ImageFolderDataset, decode_image
 
 
 def make_image(path: Path, size=(8, 6), color=(200, 30, 30), mode="RGB", **save) -> Path:

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.listing import UNKNOWN, Listing, compare, same_stamp, shard_of, shard_positions
+from pipeline.data.listing import UNKNOWN, Listing, compare, same_stamp, shard_of, shard_positions
 
 
 def test_stamps_are_size_and_mtime_and_a_dangling_link_is_unknown(tmp_path) -> None:

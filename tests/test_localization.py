@@ -1,4 +1,4 @@
-"""Tests for pipeline.localization: thresholds, boxes, IoU, hits (Fong & Vedaldi 2017).
+"""Tests for pipeline.metrics.localization: thresholds, boxes, IoU, hits (Fong & Vedaldi 2017).
 
 Hand cases give their expected values worked out in comments. The fast many-α path is
 checked against a loop over the one-α functions, and the threshold-first box against an
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import localization as L
+from pipeline.metrics import localization as L
 
 # A 6×8 map (rows y 0..5, columns x 0..8): a 3×3 blob at x 2..4, y 1..3 of 0.5 with a 1.0
 # centre at (x 3, y 2), and a lone 0.2 at (x 6, y 4). min 0, max 1, sum 8·0.5 + 1 + 0.2

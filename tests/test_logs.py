@@ -25,7 +25,7 @@ def restore_pipeline_logger():
 def test_levels_and_format(verbosity, shown, capsys, restore_pipeline_logger) -> None:
     configure(verbosity)
     configure(verbosity)  # set up twice: still one line per record
-    log = logging.getLogger("pipeline.run")
+    log = logging.getLogger("pipeline.commands.run")
     log.debug("batch took %d s", 1)
     log.info("chose %d", 4)
     log.warning("careful")

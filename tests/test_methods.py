@@ -20,7 +20,7 @@ from pipeline.methods import (
     settings_from_config,
 )
 from pipeline.methods.gradcam import GradCamSettings, default_layer
-from pipeline.models import NormalizedClassifier
+from pipeline.models.registry import NormalizedClassifier
 
 
 def test_registry_lists_every_method_and_its_presets() -> None:
@@ -93,7 +93,7 @@ def test_grad_cam_equals_the_formula(batch: int) -> None:
 
 
 def test_grad_cam_default_layer_by_family() -> None:
-    from pipeline.models import load_model
+    from pipeline.models.registry import load_model
 
     assert default_layer(load_model("efficientnet_lite0")) == "conv_head"
     network = torch.nn.Sequential(torch.nn.Linear(3, 2))

@@ -1,4 +1,4 @@
-"""Tests for pipeline.metrics: deletion / insertion curves, AUC, baselines.
+"""Tests for pipeline.metrics.deletion_insertion: deletion / insertion curves, AUC, baselines.
 
 The curve tests compare against a deliberately slow reference written here: per image and
 per step, pixels are changed one value at a time in Python loops, the blur is an explicit
@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline import metrics as M
-from pipeline.pointing import pointing_points
+from pipeline.metrics import deletion_insertion as M
+from pipeline.metrics.pointing import pointing_points
 
 IMNET_MEAN = (0.485, 0.456, 0.406)
 IMNET_STD = (0.229, 0.224, 0.225)

@@ -1,4 +1,5 @@
-"""Tests for pipeline.models: the lite0 key mapping, the wrapper, and every way to name a model."""
+"""Tests for pipeline.models.registry: the lite0 key mapping, the wrapper, and every way to
+name a model."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.models import (
+from pipeline.models.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ModelError,
@@ -397,7 +398,7 @@ PHOTO_CLASSES = {
 
 
 def test_lite0_recognises_example_photos(lite0):
-    from pipeline.images import decode_image, resize_image
+    from pipeline.data.images import decode_image, resize_image
 
     folder = Path(__file__).resolve().parents[1] / "examples" / "val"
     names = sorted(PHOTO_CLASSES)

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from tiny_models import BrightRegionModel, TinyCNN
 
-import pipeline.optimize as optimize
-from pipeline.optimize import (
+import pipeline.methods.meaningful.optimizer as optimize
+from pipeline.data.seeding import image_seed
+from pipeline.methods.meaningful.optimizer import (
     CPU_PRECISION,
     PRESETS,
     MaskSettings,
@@ -27,8 +28,7 @@ from pipeline.optimize import (
     total_variation,
     upsample_masks,
 )
-from pipeline.perturbations import gaussian_blur, gaussian_blur_per_image
-from pipeline.seeding import image_seed
+from pipeline.methods.perturbations import gaussian_blur, gaussian_blur_per_image
 
 FAST = MaskSettings(iterations=12, mask_size=8, blur_kernel=5, blur_sigma=2.0)
 
@@ -555,8 +555,8 @@ def test_default_model_masks_across_batch_sizes_agree_up_to_float_order() -> Non
     which the optimisation amplifies (the issue measured max |Δ| 0.43, r ≥ 0.995 at 6)."""
     from pathlib import Path
 
-    from pipeline.images import decode_image, resize_image
-    from pipeline.models import load_model
+    from pipeline.data.images import decode_image, resize_image
+    from pipeline.models.registry import load_model
 
     folder = Path(__file__).resolve().parents[1] / "examples" / "val"
     paths = sorted(folder.glob("*.JPEG"))

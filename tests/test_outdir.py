@@ -1,4 +1,4 @@
-"""pipeline.outdir: the output folder's lock is held by one process, and by none once its
+"""pipeline.store.lock: the output folder's lock is held by one process, and by none once its
 holder is gone, whatever children it forked (DataLoader workers outlive a killed run)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipeline.outdir import OutputInUse, hold
+from pipeline.store.lock import OutputInUse, hold
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork")

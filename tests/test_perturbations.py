@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.perturbations import (
+from pipeline.methods.perturbations import (
     SUBSTRATES,
     apply_blur_pyramid,
     blur_pyramid,

@@ -1,4 +1,4 @@
-"""Tests for pipeline.pointing: the pointing game (tolerance, ties, several boxes, sizes),
+"""Tests for pipeline.metrics.pointing: the pointing game (tolerance, ties, several boxes, sizes),
 its energy variant, the centre's points, and TorchRay's PointingGame side by side."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pipeline import pointing as P
+from pipeline.metrics import pointing as P
 
 
 def _one_hot(h, w, y, x):

@@ -52,7 +52,7 @@ def test_sweep_tabulates_settings_against_the_centre(tmp_path, monkeypatch) -> N
     assert (table["images"] == 4).all()
     seed = table.set_index("setting").loc["seed"]
     # the paired difference, recomputed by hand from the two runs' files
-    from pipeline.runfile import read_columns
+    from pipeline.store.reader import read_columns
 
     mine, _ = read_columns(tmp_path / "sweep" / "t-seed" / "masks.h5")
     theirs, _ = read_columns(tmp_path / "sweep" / "t-baselines" / "masks.h5")
@@ -160,7 +160,7 @@ def test_an_unmerged_sharded_run_is_tabulated_from_its_finished_shards(
     table = quality.main(argv + ["--run-args", RUN_ARGS + " --iterations 5 --shard 1/2"])
     out = tmp_path / "sweep" / "t-seed"
     assert not (out / "masks.h5").exists()  # shard 0 never ran: nothing merged
-    from pipeline.runfile import read_columns
+    from pipeline.store.reader import read_columns
 
     shard, _ = read_columns(out / "masks-00001-of-00002.h5")
     assert list(shard["path"]) == ["n01440764/4.png", "n01440764/5.png"]

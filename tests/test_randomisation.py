@@ -1,4 +1,4 @@
-"""pipeline.randomisation: the cascade's stages, and equality with Quantus's MPRT."""
+"""pipeline.models.randomisation: the cascade's stages, and equality with Quantus's MPRT."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from tiny_models import TinyCNN
 from torch import nn
 
 from pipeline.errors import SettingsError
-from pipeline.randomisation import (
+from pipeline.metrics.similarity import spearman
+from pipeline.models.randomisation import (
     check_modules,
     network_of,
     randomisation_stages,
     randomise,
     stages_upto,
 )
-from pipeline.similarity import spearman
 
 
 class BlockNet(nn.Module):

@@ -9,9 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.markdown import markdown_table
-from pipeline.outputs import write_summary
-from pipeline.report import (
+from pipeline.reports.markdown import markdown_table
+from pipeline.reports.tables import (
     METRICS,
     SUMMARY_COLUMNS,
     bootstrap_ci,
@@ -19,8 +18,9 @@ from pipeline.report import (
     macro_accuracy,
     summary_table,
 )
-from pipeline.runfile import RunFileError
-from pipeline.store import MaskStore
+from pipeline.reports.writer import write_summary
+from pipeline.store.reader import RunFileError
+from pipeline.store.writer import MaskStore
 
 NAN = float("nan")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -252,8 +252,8 @@ def test_compare_runs_without_mask_file_or_summary(tmp_path) -> None:
 
 
 def test_localization_error_by_hand() -> None:
-    from pipeline.localization import ALPHA_GRID
-    from pipeline.report import localization_curves
+    from pipeline.metrics.localization import ALPHA_GRID
+    from pipeline.reports.tables import localization_curves
 
     energy = np.array([1.0, 0.0, 1.0, np.nan])  # 3 images with boxes, 2 hits
     curve = np.zeros((4, len(ALPHA_GRID["energy"])))

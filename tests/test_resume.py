@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 from tiny_models import TINY_OPTIONS
 
-from pipeline.runfile import read_columns, read_failures
-from pipeline.stopping import EXIT_INTERRUPTED
-from pipeline.store import journal_dir
+from pipeline.commands.stopping import EXIT_INTERRUPTED
+from pipeline.store.reader import read_columns, read_failures
+from pipeline.store.writer import journal_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [

@@ -1,4 +1,4 @@
-"""ROAD (pipeline.road): which pixels go, the batched imputation against the reference's
+"""ROAD (pipeline.metrics.road): which pixels go, the batched imputation against the reference's
 scipy solve, the noise drawn as the reference draws it, and the MoRF/LeRF curves against the
 reference's imputer composed with road_evaluation's fraction rule.
 
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.road import (
+from pipeline.metrics.road import (
     ROAD_FRACTIONS,
     imputation_noise,
     linear_imputation,
@@ -249,7 +249,7 @@ def test_run_with_road_reports_every_map(tmp_path):
 
     import pandas as pd
 
-    from pipeline.runfile import read_columns
+    from pipeline.store.reader import read_columns
 
     report = pd.read_csv(out / "report.csv")
     for prefix in ("", "center_", "gradcam_"):

@@ -1,12 +1,12 @@
-"""pipeline/runfile.py: reading a run's columns."""
+"""pipeline/store/reader.py: reading a run's columns."""
 
 from __future__ import annotations
 
 import h5py
 import numpy as np
 
-from pipeline.report import per_image_table
-from pipeline.runfile import read_columns
+from pipeline.reports.tables import per_image_table
+from pipeline.store.reader import read_columns
 
 
 def test_scores_shorter_than_the_rows_read_as_not_scored(tmp_path) -> None:

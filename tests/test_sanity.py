@@ -13,10 +13,10 @@ from tiny_models import TINY_OPTIONS
 
 from cli import main
 from pipeline.methods import get_method
-from pipeline.models import load_model
-from pipeline.randomisation import network_of, randomisation_stages, randomise, stages_upto
-from pipeline.runfile import RunFile
-from pipeline.similarity import similarities
+from pipeline.metrics.similarity import similarities
+from pipeline.models.randomisation import network_of, randomisation_stages, randomise, stages_upto
+from pipeline.models.registry import load_model
+from pipeline.store.reader import RunFile
 
 MASKS = ["--iterations", "3", "--mask-size", "8"]
 
@@ -86,7 +86,7 @@ def test_stages_are_runs_whose_maps_the_table_compares(photos, tmp_path) -> None
 
 
 def _pixels(path) -> np.ndarray:
-    from pipeline.images import decode_image, resize_image
+    from pipeline.data.images import decode_image, resize_image
 
     return resize_image(decode_image(path)[0], 32).numpy()
 

@@ -1,5 +1,5 @@
-"""pipeline/scoring.py: a batch's columns: every map gets curves, pointing (raw and smoothed)
-and localization, the comparison rows prefixed; checked against the metric functions."""
+"""pipeline/metrics/scoring.py: a batch's columns: every map gets curves, pointing (raw and
+smoothed) and localization, the comparison rows prefixed; checked against the metric functions."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import numpy as np
 import torch
 from tiny_models import TinyCNN
 
-from pipeline.configuration import CPU_EVAL_BATCH_SIZE, EvalOptions, eval_batch_size_for
-from pipeline.datasets import Box, Sample
-from pipeline.localization import RULES, localization_hit
-from pipeline.models import NormalizedClassifier
-from pipeline.pointing import TORCHRAY_POINTING_SMOOTH, pointing_hits, pointing_points
-from pipeline.scoring import evaluate_batch
+from pipeline.commands.configuration import CPU_EVAL_BATCH_SIZE, EvalOptions, eval_batch_size_for
+from pipeline.data.datasets import Box, Sample
+from pipeline.metrics.localization import RULES, localization_hit
+from pipeline.metrics.pointing import TORCHRAY_POINTING_SMOOTH, pointing_hits, pointing_points
+from pipeline.metrics.scoring import evaluate_batch
+from pipeline.models.registry import NormalizedClassifier
 
 
 def _tiny() -> NormalizedClassifier:
@@ -66,11 +66,11 @@ def test_scoring_batch_defaults_to_the_device() -> None:
 def test_eval_precision_bf16_scores_through_autocast_and_auto_needs_both_gates(
     monkeypatch,
 ) -> None:
-    from pipeline import configuration
-    from pipeline.configuration import resolve_eval_precision
+    from pipeline.commands import configuration
+    from pipeline.commands.configuration import resolve_eval_precision
     from pipeline.errors import SettingsError
-    from pipeline.metrics import auc, perturbation_curves
-    from pipeline.models import Bf16Forward
+    from pipeline.metrics.deletion_insertion import auc, perturbation_curves
+    from pipeline.models.registry import Bf16Forward
 
     generator = torch.Generator().manual_seed(4)
     images = torch.rand(2, 3, 32, 32, generator=generator)

@@ -14,12 +14,12 @@ from click.testing import CliRunner
 from PIL import Image
 from tiny_models import TINY_OPTIONS
 
-import pipeline.shards as shards
+import pipeline.commands.shards as shards
 from cli import main
-from pipeline.datasets import DatasetError
-from pipeline.listing import shard_of, shard_positions
-from pipeline.runfile import read_columns
-from pipeline.shards import resolve_shard
+from pipeline.commands.shards import resolve_shard
+from pipeline.data.datasets import DatasetError
+from pipeline.data.listing import shard_of, shard_positions
+from pipeline.store.reader import read_columns
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [
@@ -245,7 +245,7 @@ def test_extremal_shards_merged_equal_one_process(data, tmp_path) -> None:
 
 
 def test_only_one_finishing_shard_merges(tmp_path, monkeypatch, caplog) -> None:
-    from pipeline.outdir import hold
+    from pipeline.store.lock import hold
 
     merged = []
     monkeypatch.setattr(shards, "merge", lambda out: merged.append(out) or out / "masks.h5")

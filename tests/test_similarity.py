@@ -1,4 +1,4 @@
-"""pipeline.similarity against independent computations (scipy, numpy by hand, Quantus)."""
+"""pipeline.metrics.similarity against independent computations (scipy, numpy by hand, Quantus)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import pearsonr, spearmanr
 
-from pipeline.similarity import (
+from pipeline.metrics.similarity import (
     hog_pearson,
     max_normalised,
     mean_pairwise_pearson,

@@ -1,14 +1,14 @@
-"""pipeline/smooth_masks.py: the fast generator makes the reference generator's masks and
-gradients (equal to float32 rounding) on every geometry, and falls back to it where its
-cell/offset decomposition does not hold. The reference itself is checked against TorchRay in
-test_extremal_torchray.py and by hand in test_extremal.py."""
+"""pipeline/methods/extremal/mask_generators.py: the fast generator makes the reference
+generator's masks and gradients (equal to float32 rounding) on every geometry, and falls back
+to it where its cell/offset decomposition does not hold. The reference itself is checked
+against TorchRay in test_extremal_torchray.py and by hand in test_extremal.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.smooth_masks import FastMaskGenerator, MaskGenerator
+from pipeline.methods.extremal.mask_generators import FastMaskGenerator, MaskGenerator
 
 GEOMETRIES = [
     # size, step, sigma, temperature, margin

@@ -6,9 +6,9 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.listing import Listing
-from pipeline.runfile import read_columns, read_failures, read_listing
-from pipeline.store import MaskStore, StoreError
+from pipeline.data.listing import Listing
+from pipeline.store.reader import read_columns, read_failures, read_listing
+from pipeline.store.writer import MaskStore, StoreError
 
 CONFIG = {"model": "tiny", "mask": {"iterations": 3}}
 
@@ -71,7 +71,7 @@ def test_column_length_mismatch_is_an_error(tmp_path) -> None:
 
 
 def test_merge_keeps_the_union_of_the_shards_columns(tmp_path) -> None:
-    from pipeline.shards import merge_files
+    from pipeline.commands.shards import merge_files
 
     config = {"shard": {"stop": 2}}
     first, second = tmp_path / "a.h5", tmp_path / "b.h5"
@@ -91,7 +91,7 @@ def test_merge_keeps_the_union_of_the_shards_columns(tmp_path) -> None:
 
 def test_merge_sums_the_shards_seconds(tmp_path) -> None:
     """A merged run still says what it cost: the shards' summed timings (seconds, images)."""
-    from pipeline.shards import merge_files
+    from pipeline.commands.shards import merge_files
 
     shards = []
     for number, (seconds, images) in enumerate([(30.0, 2), (12.5, 1)]):
@@ -162,7 +162,7 @@ def test_reconcile_keeps_one_row_per_path_and_sorting_restores_listing_order(tmp
 
 
 def test_listing_is_stored_and_merge_refuses_shards_of_other_listings(tmp_path) -> None:
-    from pipeline.shards import merge_files
+    from pipeline.commands.shards import merge_files
 
     before = Listing(("a", "b"), np.array([1, 2]), np.array([5, 5]))
     after = Listing(("a", "c"), np.array([1, 2]), np.array([5, 5]))
@@ -181,7 +181,7 @@ def test_listing_is_stored_and_merge_refuses_shards_of_other_listings(tmp_path) 
 
 
 def test_merged_rows_are_in_listing_order(tmp_path) -> None:
-    from pipeline.shards import merge_files
+    from pipeline.commands.shards import merge_files
 
     shards = []
     for number, (paths, index) in enumerate([(["b", "d"], [1, 3]), (["a", "c"], [0, 2])]):

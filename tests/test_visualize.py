@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from pipeline.outputs import save_figure
-from pipeline.visualize import (
+from pipeline.reports.pictures import (
     ALPHA,
     CMAP,
     curve_auc,
@@ -23,6 +22,7 @@ from pipeline.visualize import (
     thumbnails,
     upsample_bilinear,
 )
+from pipeline.reports.writer import save_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -120,7 +120,7 @@ def test_save_figure_does_not_leak_pyplot_figures(tmp_path):
 def test_visualize_does_not_import_pyplot():
     import subprocess
 
-    code = "import sys, pipeline.visualize; print('matplotlib.pyplot' in sys.modules)"
+    code = "import sys, pipeline.reports.pictures; print('matplotlib.pyplot' in sys.modules)"
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root

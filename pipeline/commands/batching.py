@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import SettingsError
-from .methods import Method
-from .optimize import SpeedOptions
-from .seeding import image_seeds
+from ..data.seeding import image_seeds
+from ..errors import SettingsError
+from ..methods import Method
+from ..methods.meaningful.optimizer import SpeedOptions
 from .stopping import ignore_stop_signals
 
 log = logging.getLogger(__name__)

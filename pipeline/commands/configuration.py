@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .comparisons import comparison_names
-from .errors import SettingsError
-from .methods import DEFAULT_METHOD, get_method, method_for_preset
-from .metrics import CurveProtocol
-from .optimize import SpeedOptions, resolve_precision
-from .pointing import SMALL_OBJECT_COVERAGE
-from .road import ROAD_FRACTIONS, ROAD_NOISE, describe_road
+from .. import __version__
+from ..errors import SettingsError
+from ..methods import DEFAULT_METHOD, get_method, method_for_preset
+from ..methods.meaningful.optimizer import SpeedOptions, resolve_precision
+from ..metrics.comparisons import comparison_names
+from ..metrics.deletion_insertion import CurveProtocol
+from ..metrics.pointing import SMALL_OBJECT_COVERAGE
+from ..metrics.road import ROAD_FRACTIONS, ROAD_NOISE, describe_road
 
 # Step images scored per forward pass when not set. On this CPU (one thread), deletion +
 # insertion curves of EfficientNet-Lite0 took 15.0 s at eval batch 1, 17.5 s at 2, 21.6 s
@@ -67,7 +67,7 @@ def comparisons() -> tuple[str, ...]:
 
 @dataclass
 class EvalOptions:
-    """How maps are scored (DESIGN §4); None in RunOptions.evaluation skips scoring.
+    """How maps are scored (docs/design.md §4); None in RunOptions.evaluation skips scoring.
 
     baselines: the comparison rows: "center", "random" and the registered comparison
     methods (Grad-CAM). smooth: the pointing game blurs the resized map with σ =
@@ -80,10 +80,10 @@ class EvalOptions:
     baselines: tuple[str, ...] = field(default_factory=comparisons)
     seed: int = 0  # of the random baseline and of ROAD's imputation noise
     smooth: float | None = None
-    road: bool = False  # also ROAD's MoRF/LeRF curves (pipeline.road)
+    road: bool = False  # also ROAD's MoRF/LeRF curves (pipeline.metrics.road)
     # the scoring forwards: "fp32", "bf16" (autocast) or "auto" (resolve_eval_precision)
     precision: str = "auto"
-    # a folder of comparison scores kept across runs (pipeline.comparison_cache); it never
+    # a folder of comparison scores kept across runs (pipeline.metrics.comparison_cache); it never
     # changes a score, so it is no part of settings()
     comparison_cache: Path | None = None
 
@@ -201,7 +201,7 @@ class RunOptions:
     name: str | None = None  # the run's row label in summaries (default: the method)
     evaluation: EvalOptions | None = field(default_factory=EvalOptions)
     # the sanity check's stage: modules of the network re-initialised before explaining
-    # (pipeline.randomisation.randomise), top first; () for the trained model
+    # (pipeline.models.randomisation.randomise), top first; () for the trained model
     randomised: tuple[str, ...] = ()
     randomisation_seed: int = 42
 

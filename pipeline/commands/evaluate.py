@@ -17,18 +17,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..data.datasets import DatasetError, Sample, discover
+from ..data.images import ImageFolderDataset
+from ..metrics.comparisons import MapRequest, comparison_maps, get_comparison
+from ..metrics.maps import resize_maps, same_aspect
+from ..metrics.scoring import check_labels, evaluate_batch, image_columns
+from ..models.registry import load_model
+from ..reports.writer import write_report_csv, write_summary
+from ..store.lock import hold, prepare_out
+from ..store.reader import MASKS_FILE, REPORT_FILE, SCORES_FILE, RunFile, decode_strings
+from ..store.writer import MaskStore, StoreError, replace_columns
 from .batching import decoded_batches, halve_on_oom
-from .comparisons import MapRequest, comparison_maps, get_comparison
 from .configuration import EvalOptions, pick_device, versions
-from .datasets import DatasetError, Sample, discover
-from .images import ImageFolderDataset
-from .maps import resize_maps, same_aspect
-from .models import load_model
-from .outdir import hold, prepare_out
-from .outputs import write_report_csv, write_summary
-from .runfile import MASKS_FILE, REPORT_FILE, SCORES_FILE, RunFile, decode_strings
-from .scoring import check_labels, evaluate_batch, image_columns
-from .store import MaskStore, StoreError, replace_columns
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,18 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..data.datasets import DatasetError, Sample, discover
+from ..data.images import ImageFolderDataset
+from ..data.listing import Listing, compare, shard_positions
+from ..errors import MpbatchError, SettingsError
+from ..methods import Method, get_method
+from ..methods.meaningful.optimizer import SpeedOptions
+from ..metrics.scoring import check_labels, evaluate_batch, image_columns
+from ..models.randomisation import network_of, randomise
+from ..models.registry import NormalizedClassifier, load_model
+from ..reports.writer import write_run_reports, write_summary
+from ..store.lock import hold, prepare_out
+from ..store.writer import MaskStore
 from .batching import (
     DecodedBatch,
     auto_batch_size,
@@ -37,20 +49,8 @@ from .configuration import (
     upgrade_stored,
     versions,
 )
-from .datasets import DatasetError, Sample, discover
-from .errors import MpbatchError, SettingsError
-from .images import ImageFolderDataset
-from .listing import Listing, compare, shard_positions
-from .methods import Method, get_method
-from .models import NormalizedClassifier, load_model
-from .optimize import SpeedOptions
-from .outdir import hold, prepare_out
-from .outputs import write_run_reports, write_summary
-from .randomisation import network_of, randomise
-from .scoring import check_labels, evaluate_batch, image_columns
 from .shards import Shard, all_shards_complete, merge_once, output_names, resolve_shard
 from .stopping import Interrupted, StopRequested, StopSignals
-from .store import MaskStore
 
 log = logging.getLogger(__name__)
 

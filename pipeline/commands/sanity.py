@@ -2,9 +2,9 @@
 
 Model randomisation (Adebayo et al., NeurIPS 2018): the images are explained with the trained
 model (OUT/original), then once per stage of a cascade that re-initialises the network from
-its top (OUT/stages/NN-NAME; pipeline.randomisation says what a stage is). Each stage's maps
+its top (OUT/stages/NN-NAME; pipeline.models.randomisation says what a stage is). Each stage's maps
 are compared with the original's by Spearman's rank correlation, SSIM and the correlation of
-HOG features (pipeline.similarity). A method whose maps stay alike after the weights that
+HOG features (pipeline.metrics.similarity). A method whose maps stay alike after the weights that
 made the prediction are gone fails the check.
 
 Repeatability (`--repeat K`): the images are explained K times, with the method's seeds
@@ -30,14 +30,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .columns import MAP_METRICS, REPEATABILITY, SANITY_MEASURES
-from .configuration import RunOptions
-from .errors import SettingsError
-from .methods import get_method
-from .models import load_model
-from .outdir import prepare_out
-from .outputs import write_repeatability, write_sanity
-from .randomisation import (
+from ..errors import SettingsError
+from ..methods import get_method
+from ..metrics.similarity import mean_pairwise_pearson, similarities
+from ..models.randomisation import (
     GRANULARITIES,
     Stage,
     check_modules,
@@ -45,10 +41,14 @@ from .randomisation import (
     randomisation_stages,
     stages_upto,
 )
-from .report import bootstrap_ci
+from ..models.registry import load_model
+from ..reports.schema import MAP_METRICS, REPEATABILITY, SANITY_MEASURES
+from ..reports.tables import bootstrap_ci
+from ..reports.writer import write_repeatability, write_sanity
+from ..store.lock import prepare_out
+from ..store.reader import RunFile
+from .configuration import RunOptions
 from .run import run as explain_run
-from .runfile import RunFile
-from .similarity import mean_pairwise_pearson, similarities
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class SanityOptions:
     settings, limit...); its evaluation scores the repeats only."""
 
     run: RunOptions
-    granularity: str = "blocks"  # pipeline.randomisation.GRANULARITIES
+    granularity: str = "blocks"  # pipeline.models.randomisation.GRANULARITIES
     randomisation_seed: int = 42
     stages: bool = True  # the model-randomisation check (False: repeatability alone)
     repeat: int = 0  # K >= 2: explain K times with seeds seed .. seed + K - 1

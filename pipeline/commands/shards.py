@@ -14,13 +14,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .configuration import RunRecord
-from .datasets import DatasetError
-from .errors import one_line
-from .listing import Listing, compare
-from .outdir import OutputInUse, hold
-from .outputs import write_failures_csv, write_report_csv, write_summary
-from .runfile import (
+from ..data.datasets import DatasetError
+from ..data.listing import Listing, compare
+from ..errors import one_line
+from ..reports.writer import write_failures_csv, write_report_csv, write_summary
+from ..store.lock import OutputInUse, hold
+from ..store.reader import (
     FAILURES_FILE,
     MASKS_FILE,
     REPORT_FILE,
@@ -29,7 +28,7 @@ from .runfile import (
     read_failures,
     read_listing,
 )
-from .store import (
+from ..store.writer import (
     FORMAT,
     StoreError,
     create_column,
@@ -37,6 +36,7 @@ from .store import (
     string_array,
     write_listing,
 )
+from .configuration import RunRecord
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 `discover` turns a folder into a sorted list of `Sample` records (relative path, class index,
 boxes in original-image pixels): class folders, the LOC csv of ImageNet's validation set,
-box XMLs (ILSVRC / PASCAL VOC), or unlabelled. Decoding the images is pipeline.images'.
+box XMLs (ILSVRC / PASCAL VOC), or unlabelled. Decoding the images is pipeline.data.images'.
 
 Class indices are always the torchvision/timm ones: the position of a wnid in the sorted list
 of the 1000 ImageNet-1k wnids.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import h5py
 
-from .errors import MpbatchError, one_line
+from ..errors import MpbatchError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def _list_dir(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if not p.name.startswith("."))
 
 
-# the files of an mpbatch run folder (pipeline.runfile): masks.h5, its shards, scores.h5
+# the files of an mpbatch run folder (pipeline.store.reader): masks.h5, its shards, scores.h5
 _RUN_FILE_RE = re.compile(r"^(masks(-\d+-of-\d+)?|scores)\.h5$")
 
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import one_line
 from .datasets import Sample
-from .errors import one_line
 
 # Decoded images above this many pixels are reduced (JPEG: DCT-domain draft at 1/2, 1/4 or
 # 1/8 scale while decoding; other formats: box reduction after decoding) before becoming a

@@ -28,8 +28,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..columns import Column
 from ..errors import SettingsError
+from ..reports.schema import Column
 
 _REGISTRY: dict[str, Method] = {}
 _LOADED = False
@@ -41,7 +41,7 @@ class Method:
     name: ClassVar[str]
     label: ClassVar[str] = ""  # readable name for reports and the gallery (default: name)
     summary: ClassVar[str]  # one line for --help
-    # the per-image columns `explain` stores besides "masks" (pipeline.columns' schema)
+    # the per-image columns `explain` stores besides "masks" (pipeline.reports.schema' schema)
     columns: ClassVar[tuple[Column, ...]] = ()
     settings_class: ClassVar[type]
     presets: ClassVar[dict[str, Any]]

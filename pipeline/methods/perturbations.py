@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import SettingsError
+from ..errors import SettingsError
 
 SUBSTRATES = ("blur-median", "blur", "constant", "noise")
 

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
+from .. import __version__
 
 log = logging.getLogger(__name__)
 

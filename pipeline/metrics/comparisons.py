@@ -1,7 +1,7 @@
 """Comparison maps: what every run's map is scored beside, as a registry.
 
 A comparison is a map made for the same images and targets as the run's, and scored with
-the same metrics; its columns carry its name as prefix (pipeline.columns). Two baselines
+the same metrics; its columns carry its name as prefix (pipeline.reports.schema). Two baselines
 are built in: "center" (a centred Gaussian, which points at the image centre in the
 pointing game) and "random" (uniform noise at the mask's grid, seeded per image). Every
 registered method marked `comparison` (Grad-CAM) is one too, with its default settings.
@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SettingsError
-from .methods import comparison_names as method_comparisons
-from .methods import get_method
-from .metrics import center_saliency, random_saliency
+from ..data.seeding import image_seeds
+from ..errors import SettingsError
+from ..methods import comparison_names as method_comparisons
+from ..methods import get_method
+from .deletion_insertion import center_saliency, random_saliency
 from .pointing import center_points
-from .seeding import image_seeds
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Saliency metrics: deletion / insertion curves, their AUC, the baseline maps, and every
-metric of a batch at once (DESIGN.md §4).
+metric of a batch at once (docs/design.md §4).
 
 Pure tensor functions: no file I/O, batched, and device-agnostic (everything runs on the
 device of the images).
@@ -30,7 +30,7 @@ Deletion / insertion (Petsiuk et al., RISE, BMVC 2018):
     * the score is the softmax probability of the target class;
     * AUC is the trapezoid rule on x in [0, 1]: ``(sum(s) - s_0/2 - s_N/2) / N``.
 
-The pointing game and the box helpers are in pipeline.pointing.
+The pointing game and the box helpers are in pipeline.metrics.pointing.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.seeding import image_seed
 from .maps import as_bhw, as_float, check_finite, check_fits, resize_maps
 from .pointing import pointing_energy, pointing_hits, pointing_points
-from .seeding import image_seed
 
 __all__ = [
     "CurveProtocol",
@@ -70,7 +70,7 @@ _MODES = ("deletion", "insertion")
 
 @dataclass(frozen=True)
 class CurveProtocol:
-    """Parameters of the deletion / insertion games (DESIGN.md §4).
+    """Parameters of the deletion / insertion games (docs/design.md §4).
 
     step: pixels changed per step (at 224×224 the default gives 224 steps, 225 scores).
     blur_kernel, blur_sigma: the insertion start image's Gaussian blur (normalised space,

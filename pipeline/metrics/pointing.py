@@ -1,4 +1,4 @@
-"""The pointing game and the boxes' helpers (DESIGN.md §4).
+"""The pointing game and the boxes' helpers (docs/design.md §4).
 
 Pure tensor functions, batched, on the saliency's device. Saliency is "higher = more
 important", B×h×w (or B×1×h×w), finite, at any resolution; original sizes are (width,
@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..methods.perturbations import smooth_zero_padded
 from .maps import as_bhw, as_float, check_finite, resize_maps
-from .perturbations import smooth_zero_padded
 
 
 def _sizes(original_sizes, batch: int) -> list[tuple[int, int]]:
@@ -95,7 +95,7 @@ def pointing_points(saliency: Tensor, original_sizes, smooth: float = 0.0) -> Te
 def center_points(original_sizes) -> Tensor:
     """The image centres ((width-1)/2, (height-1)/2) in pixel-index coordinates: B×2 (x, y).
 
-    The pointing game's centre baseline (DESIGN.md §4): pass them to :func:`pointing_hits`.
+    The pointing game's centre baseline (docs/design.md §4): pass them to :func:`pointing_hits`.
     """
     sizes = [(int(wh[0]), int(wh[1])) for wh in original_sizes]
     return torch.tensor(
@@ -187,7 +187,7 @@ def pointing_energy(saliency: Tensor, boxes, original_sizes) -> Tensor:
     return out.to(torch.float32)
 
 
-# DESIGN.md §4's "small objects": the target's boxes cover less than this share of the image
+# docs/design.md §4's "small objects": the target's boxes cover less than this share of the image
 SMALL_OBJECT_COVERAGE = 0.25
 # TorchRay's benchmark blurs extremal masks with σ = 0.09·min(H, W) before the argmax
 TORCHRAY_POINTING_SMOOTH = 0.09
@@ -196,7 +196,7 @@ TORCHRAY_POINTING_SMOOTH = 0.09
 def box_coverage(boxes, original_sizes) -> Tensor:
     """Fraction of each image's pixels inside the union of its boxes (NaN without boxes).
 
-    Same pixel convention as :func:`pointing_game`. DESIGN.md §4's "small objects" subset
+    Same pixel convention as :func:`pointing_game`. docs/design.md §4's "small objects" subset
     is ``box_coverage(...) < SMALL_OBJECT_COVERAGE``. Returns float32 of length B on the CPU.
     """
     sizes = [(int(wh[0]), int(wh[1])) for wh in original_sizes]

@@ -50,8 +50,8 @@ from scipy.sparse import coo_matrix, csc_matrix
 from scipy.sparse.linalg import spsolve
 from torch import Tensor
 
+from .deletion_insertion import saliency_order
 from .maps import as_bhw, check_fits
-from .metrics import saliency_order
 
 ROAD_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ROAD_NOISE = 0.01

@@ -10,14 +10,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..commands.configuration import EvalOptions, eval_batch_size_for, resolve_eval_precision
+from ..data.datasets import DatasetError, Sample
+from ..data.seeding import image_seeds
+from ..models.folding import scoring_model
+from ..models.registry import Bf16Forward, NormalizedClassifier, channels_last_on_cpu
 from .comparison_cache import ComparisonCache, function_digest, model_digest
 from .comparisons import MapRequest, comparison_maps, get_comparison
-from .configuration import EvalOptions, eval_batch_size_for, resolve_eval_precision
-from .datasets import DatasetError, Sample
-from .folding import scoring_model
+from .deletion_insertion import score_saliency
 from .localization import localization_columns
-from .metrics import score_saliency
-from .models import Bf16Forward, NormalizedClassifier, channels_last_on_cpu
 from .pointing import (
     SMALL_OBJECT_COVERAGE,
     TORCHRAY_POINTING_SMOOTH,
@@ -26,7 +27,6 @@ from .pointing import (
     pointing_points,
 )
 from .road import road_curves
-from .seeding import image_seeds
 
 
 def check_labels(samples: list[Sample], num_classes: int, model_name: str) -> None:
@@ -92,7 +92,7 @@ def _map_columns(
     model, images, saliency, targets, boxes, sizes, options, points=None, road_seeds=None
 ) -> dict:
     """One map's metric columns: curves, AUCs and pointing (score_saliency), pointing raw and
-    smoothed, localization (pipeline.localization), and ROAD when `road_seeds` are given."""
+    smoothed, localization (pipeline.metrics.localization), and ROAD when `road_seeds` are given."""
     columns = {
         k: v.numpy()
         for k, v in score_saliency(

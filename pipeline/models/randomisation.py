@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import SettingsError
+from ..errors import SettingsError
 
 GRANULARITIES = ("blocks", "layers")
 DEFAULT_RANDOMISATION_SEED = 42  # Quantus's MPRT default

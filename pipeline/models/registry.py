@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .errors import MpbatchError, one_line
+from ..errors import MpbatchError, one_line
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -2,12 +2,12 @@
 
 Pure functions: `gallery_data` turns a per-image table and the thumbnails' relative paths
 into the JSON the page reads; `render_page` fills the template kept as package data
-(pipeline/templates/gallery.html, read with importlib.resources). pipeline.outputs writes
-the thumbnails and the page.
+(pipeline/reports/templates/gallery.html, read with importlib.resources).
+pipeline.reports.writer writes the thumbnails and the page.
 
 Per image the page shows the image, the perturbed image and a thumbnail of every scored
 map (the run's and the comparisons': the baselines behind a switch), each with its key
-metrics (pipeline.columns: deletion, insertion, pointing, localization) labelled with the
+metrics (pipeline.reports.schema: deletion, insertion, pointing, localization) labelled with the
 better direction. Other columns sit behind a column chooser. It sorts by any metric and by
 the difference between the run's map and a comparison's ("where does the method beat
 Grad-CAM?"), filters (pointing misses, worst deletion, localization misses, small objects)
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .columns import ID_COLUMNS, MAP_METRICS, METHOD_ROW, Column, describe, prefix
+from .schema import ID_COLUMNS, MAP_METRICS, METHOD_ROW, Column, describe, prefix
 
 __all__ = ["FILTERS", "GalleryMap", "default_metrics", "gallery_data", "render_page"]
 
@@ -194,7 +194,9 @@ def _inline_json(data: Any) -> str:
 
 def render_page(data: dict[str, Any]) -> str:
     """index.html's text: the template with the title escaped and `data` inlined."""
-    template = resources.files("pipeline").joinpath("templates/gallery.html").read_text("utf-8")
+    template = (
+        resources.files("pipeline.reports").joinpath("templates/gallery.html").read_text("utf-8")
+    )
     return Template(template).substitute(
         title=html.escape(data["title"] or "mpbatch gallery", quote=True),
         thumb_size=str(int(data["thumb_size"])),

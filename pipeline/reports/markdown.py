@@ -1,8 +1,8 @@
 """summary.md's text: the run's settings, protocol and timings above a table of the
 summary with 'mean [low, high]' cells (also `mpbatch report`'s side-by-side view).
 
-Pure functions of a summary table (pipeline.report) and a run's attributes; headers, order
-and directions come from pipeline.columns.
+Pure functions of a summary table (pipeline.reports.tables) and a run's attributes; headers, order
+and directions come from pipeline.reports.schema.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .columns import METHOD_ROW, markdown_columns
-from .runfile import MASKS_FILE, map_label
+from ..store.reader import MASKS_FILE, map_label
+from .schema import METHOD_ROW, markdown_columns
 
 
 def _number(value: object, digits: int = 3) -> str:

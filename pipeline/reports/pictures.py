@@ -3,7 +3,7 @@ localization error against α, and the gallery's thumbnails.
 
 Figures are `matplotlib.figure.Figure` objects built directly (the Agg canvas, no pyplot
 state, no display), so they work on headless cluster nodes and in worker processes;
-thumbnails are uint8 arrays. Nothing here reads or writes a file: pipeline.outputs saves
+thumbnails are uint8 arrays. Nothing here reads or writes a file: pipeline.reports.writer saves
 what these functions return.
 
 Inputs may be numpy arrays or torch tensors (any device; they are detached and copied to the
@@ -23,8 +23,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .columns import SANITY_MEASURES
-from .metrics import auc
+from ..metrics.deletion_insertion import auc
+from .schema import SANITY_MEASURES
 
 __all__ = [
     "curves_figure",
@@ -159,7 +159,7 @@ def saliency_panel(
 def curve_auc(curve: Any) -> float:
     """Area under a curve of N+1 scores sampled evenly on x ∈ [0, 1] (trapezoid rule).
 
-    (Σ s − s₀/2 − s_N/2) / N, as in DESIGN.md §4; a single score is its own area.
+    (Σ s − s₀/2 − s_N/2) / N, as in docs/design.md §4; a single score is its own area.
     """
     s = _to_numpy(curve).reshape(-1)
     if s.size == 0:

@@ -40,7 +40,7 @@ class Column:
 
 
 # `mpbatch sanity`'s measures of how alike a randomised model's map is to the trained one's
-# (pipeline.similarity); lower is better: the map follows the weights that made the decision
+# (pipeline.metrics.similarity); lower is better: the map follows the weights that made the decision
 SANITY_MEASURES = (
     Column("spearman", "Spearman rank correlation", "lower"),
     Column("ssim", "SSIM", "lower"),
@@ -49,7 +49,7 @@ SANITY_MEASURES = (
 # repeatability: the maps of one image under K seeds, the mean Pearson r over pairs
 REPEATABILITY = Column("pearson_r", "mean pairwise Pearson r over seeds", "higher")
 
-# The metrics every scored map gets (pipeline.scoring), in report order.
+# The metrics every scored map gets (pipeline.metrics.scoring), in report order.
 MAP_METRICS = (
     Column("deletion_auc", "deletion AUC", "lower", key=True),
     Column("insertion_auc", "insertion AUC", "higher", key=True),
@@ -61,7 +61,7 @@ MAP_METRICS = (
     Column("loc_hit_energy", "localization hit, energy 0.95", "higher"),
     Column("loc_hit_value", "localization hit, value 0.10", "higher"),
     Column("loc_hit_mean", "localization hit, mean 0.5", "higher"),
-    # with --road only (pipeline.road): areas are the mean probability over the fractions
+    # with --road only (pipeline.metrics.road): areas are the mean probability over the fractions
     Column("road_morf_area", "ROAD MoRF area", "lower"),
     Column("road_lerf_area", "ROAD LeRF area", "higher"),
     Column("road_gap", "ROAD gap (LeRF − MoRF)", "higher"),
@@ -76,7 +76,7 @@ MAP_CURVES = (
     "road_morf_curve",
     "road_lerf_curve",
 )
-LOC_RULES = ("value", "energy", "mean")  # pipeline.localization.RULES, the default second
+LOC_RULES = ("value", "energy", "mean")  # pipeline.metrics.localization.RULES, the default second
 
 IMAGE_COLUMNS = (
     Column("index", "position in the listing"),

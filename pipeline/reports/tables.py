@@ -1,9 +1,9 @@
 """Pandas tables of a run: the per-image report, metric summaries with bootstrap intervals,
 mean curves, localization error against α, and runs side by side.
 
-Pure functions of a run's columns (pipeline.runfile): nothing here writes a file
-(pipeline.outputs does). Which columns exist, their order, labels and directions come from
-pipeline.columns; which maps were scored, from the comparisons registry.
+Pure functions of a run's columns (pipeline.store.reader): nothing here writes a file
+(pipeline.reports.writer does). Which columns exist, their order, labels and directions come from
+pipeline.reports.schema; which maps were scored, from the comparisons registry.
 """
 
 from __future__ import annotations
@@ -13,7 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .columns import (
+from ..errors import SettingsError
+from ..metrics.comparisons import comparison_names
+from ..metrics.localization import ALPHA_GRID
+from ..store.reader import RunFileError, read_config
+from .schema import (
     CLASS_COLUMNS,
     LOC_RULES,
     MAP_METRICS,
@@ -24,10 +28,6 @@ from .columns import (
     summary_columns,
     summary_csv_columns,
 )
-from .comparisons import comparison_names
-from .errors import SettingsError
-from .localization import ALPHA_GRID
-from .runfile import RunFileError, read_config
 
 SUMMARY_CSV = "summary.csv"
 METRICS = tuple(c.name for c in MAP_METRICS if c.name != "loc_hit")
@@ -141,7 +141,7 @@ def summary_table(
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """One row per scored map present, one column per pipeline.columns.SUMMARY entry, with
+    """One row per scored map present, one column per pipeline.reports.schema.SUMMARY entry, with
     bootstrap 95% intervals (`*_low`, `*_high`) where the schema asks for one.
 
     "method" reads the unprefixed metric columns and is labelled `label`; a comparison B
@@ -170,7 +170,7 @@ def summary_table(
 
 
 def _statistic(column, values, small, classes, n_resamples, seed) -> dict[str, object]:
-    """One SUMMARY column's value(s) for one map: see pipeline.columns.SummaryColumn."""
+    """One SUMMARY column's value(s) for one map: see pipeline.reports.schema.SummaryColumn."""
     if column.statistic == "count":
         finite = np.isfinite(values) & (small if column.small else True)
         return {column.name: int(finite.sum())}

@@ -2,9 +2,9 @@
 (summary.csv, summary.md, curves.png, localization.csv and .png), the per-image figures of
 `mpbatch show` and the HTML gallery of `mpbatch show --html`.
 
-The one module that writes report files. It reads a run through pipeline.runfile, makes
-its tables with pipeline.report, its pictures with pipeline.visualize and the gallery's
-page with pipeline.gallery, all of which are pure.
+The one module that writes report files. It reads a run through pipeline.store.reader, makes
+its tables with pipeline.reports.tables, its pictures with pipeline.reports.pictures and the
+gallery's page with pipeline.reports.gallery, all of which are pure.
 """
 
 from __future__ import annotations
@@ -21,28 +21,28 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .columns import METHOD_ROW, Column
-from .comparisons import MapRequest, comparison_maps, comparison_names, get_comparison
-from .errors import SettingsError
+from ..data.images import decode_image, resize_image
+from ..errors import SettingsError
+from ..methods import DEFAULT_METHOD, declared_columns, get_method, settings_from_config
+from ..metrics.comparisons import MapRequest, comparison_maps, comparison_names, get_comparison
+from ..models.registry import load_model
+from ..store.reader import RunFile, read_failures
 from .gallery import GalleryMap, gallery_data, render_page
-from .images import decode_image, resize_image
 from .markdown import markdown_header, markdown_table
-from .methods import DEFAULT_METHOD, declared_columns, get_method, settings_from_config
-from .models import load_model
-from .report import (
-    SUMMARY_CSV,
-    localization_curves,
-    mean_curves,
-    per_image_table,
-    summary_table,
-)
-from .runfile import RunFile, read_failures
-from .visualize import (
+from .pictures import (
     curves_figure,
     localization_figure,
     saliency_panel,
     sanity_figure,
     thumbnails,
+)
+from .schema import METHOD_ROW, Column
+from .tables import (
+    SUMMARY_CSV,
+    localization_curves,
+    mean_curves,
+    per_image_table,
+    summary_table,
 )
 
 SUMMARY_MD = "summary.md"

@@ -23,7 +23,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from .store import StoreError
+from .writer import StoreError
 
 
 class OutputInUse(StoreError):

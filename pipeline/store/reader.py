@@ -3,8 +3,8 @@ attributes, failures, listing and maps.
 
 A run folder OUT holds ``masks.h5`` (or one ``masks-IIIII-of-NNNNN.h5`` per shard, merged
 into ``masks.h5``), or ``scores.h5`` for maps `mpbatch evaluate` scored that mpbatch did not
-make, and beside it the reports (pipeline.outputs). pipeline.store writes the mask file
-and documents its layout; everything that reads one (evaluate, the reports, `show`, the
+make, and beside it the reports (pipeline.reports.writer). pipeline.store.writer writes the
+mask file and documents its layout; everything that reads one (evaluate, the reports, `show`, the
 gallery, `merge`, benchmarks/quality.py) reads it here. Attributes stored as JSON are
 decoded here (`decode_attr`; the store uses it too when it resumes a file).
 """
@@ -20,9 +20,9 @@ import h5py
 import numpy as np
 import torch
 
-from .errors import MpbatchError
-from .listing import UNKNOWN, Listing
-from .methods import DEFAULT_METHOD, get_method, settings_from_config
+from ..data.listing import UNKNOWN, Listing
+from ..errors import MpbatchError
+from ..methods import DEFAULT_METHOD, get_method, settings_from_config
 
 MASKS_FILE = "masks.h5"  # a run's file (shards: masks-IIIII-of-NNNNN.h5)
 SCORES_FILE = "scores.h5"  # `evaluate`'s file for maps not made by mpbatch
@@ -60,7 +60,7 @@ def open_h5(path: str | Path) -> h5py.File:
         if "unable to lock file" not in str(error).lower():
             raise
         path = Path(path)
-        lock = path.with_name(f".{path.name}.lock")  # pipeline.outdir's lock file
+        lock = path.with_name(f".{path.name}.lock")  # pipeline.store.lock's lock file
         holder = lock.read_text().strip() if lock.is_file() else ""
         raise RunFileBusy(
             f"{path} is being written by a live run ({holder or 'another process'}); "

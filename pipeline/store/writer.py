@@ -60,9 +60,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import MpbatchError, one_line
-from .listing import UNKNOWN, Listing, same_stamp
-from .runfile import (
+from ..data.listing import UNKNOWN, Listing, same_stamp
+from ..errors import MpbatchError, one_line
+from .reader import (
     FAILURE_FIELDS,
     STAMP_COLUMNS,
     decode_attr,
@@ -776,7 +776,7 @@ def _set_aside(path: Path, suffix: str) -> Path:
 
 def _rescored_hint(attrs: h5py.AttributeManager, changed: list[str]) -> str:
     """What continues a run whose scores `mpbatch evaluate` recomputed with other settings
-    (it records them in the config's `scoring`, see pipeline.evaluate)."""
+    (it records them in the config's `scoring`, see pipeline.commands.evaluate)."""
     if "scoring" not in changed or "evaluated" not in attrs:
         return ""
     return (

@@ -1,7 +1,7 @@
 """Extremal perturbations (Fong, Patrick & Vedaldi, ICCV 2019) as a plug-in method.
 
-The optimisation is `pipeline.extremal.extremal_masks` (TorchRay's algorithm; its module
-docstring gives the objective). Each image gets one mask per target area a (1 = salient).
+The optimisation is `pipeline.methods.extremal.optimizer.extremal_masks` (TorchRay's algorithm;
+its module docstring gives the objective). Each image gets one mask per target area a (1 = salient).
 The stored grid parameters rebuild the masks exactly as applied (`render_masks`); the map the
 metrics score is their sum over areas, as TorchRay's benchmark scores them, or the mask of
 one area (`--area`). Pointing smooths the map with σ = 0.09·min(H, W), as that benchmark.
@@ -14,17 +14,17 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..columns import Column
-from ..extremal import (
+from ...metrics.pointing import TORCHRAY_POINTING_SMOOTH
+from ...reports.schema import Column
+from .. import Method, register
+from ..perturbations import apply_blur_pyramid, blur_pyramid
+from .optimizer import (
     EXTREMAL_PRESETS,
     ExtremalSettings,
     extremal_masks,
     extremal_saliency,
     render_masks,
 )
-from ..perturbations import apply_blur_pyramid, blur_pyramid
-from ..pointing import TORCHRAY_POINTING_SMOOTH
-from . import Method, register
 
 
 @register

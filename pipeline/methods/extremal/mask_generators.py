@@ -1,9 +1,9 @@
 """The smooth masks of extremal perturbations: parameters on a coarse grid, combined per pixel
-by a smooth max of kernel-weighted neighbours (the formula is in pipeline/extremal.py's
-docstring). Two generators make the same masks:
+by a smooth max of kernel-weighted neighbours (the formula is in the docstring of
+pipeline/methods/extremal/optimizer.py). Two generators make the same masks:
 
 - `MaskGenerator`, the reference: TorchRay's MaskGenerator's operation order, so its masks are
-  bitwise TorchRay's (tests/test_torchray_parity.py);
+  bitwise TorchRay's (tests/test_extremal_torchray.py);
 - `FastMaskGenerator`, the fast path's: equal to float32 rounding (about 1e-6), 3-4× faster
   on the CPU, and without the reference's per-pixel tap tensor (see its docstring).
 """

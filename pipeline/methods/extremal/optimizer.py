@@ -57,10 +57,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import SettingsError
-from .optimize import SpeedOptions, _autocast, _prepare_model, _to_model_format
-from .perturbations import apply_blur_pyramid, blur_pyramid, smooth_zero_padded
-from .smooth_masks import FastMaskGenerator, MaskGenerator
+from ...errors import SettingsError
+from ..meaningful.optimizer import SpeedOptions, _autocast, _prepare_model, _to_model_format
+from ..perturbations import apply_blur_pyramid, blur_pyramid, smooth_zero_padded
+from .mask_generators import FastMaskGenerator, MaskGenerator
 
 VARIANTS = ("preserve", "delete", "dual")
 REWARDS = ("simple", "contrastive")

@@ -1,9 +1,10 @@
 """Meaningful perturbations (Fong & Vedaldi, ICCV 2017) as a plug-in method.
 
-The optimisation itself is `pipeline.optimize.optimize_masks` (its module docstring gives the
-objective); this module adapts it to the registry. A mask m (h×w, 1 = pixel kept) is applied
-as m↑ = optimize.applied_masks(m) at the input size, and the map the metrics score is
-1 − m↑ for the deletion game (what was deleted is salient) and m↑ for the preservation game.
+The optimisation itself is `pipeline.methods.meaningful.optimizer.optimize_masks` (its
+module docstring gives the objective); this module adapts it to the registry. A mask m (h×w,
+1 = pixel kept) is applied as m↑ = optimizer.applied_masks(m) at the input size, and the map
+the metrics score is 1 − m↑ for the deletion game (what was deleted is salient) and m↑ for
+the preservation game.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..columns import Column
-from ..optimize import (
+from ...data.seeding import image_seed
+from ...reports.schema import Column
+from .. import Method, register
+from ..perturbations import apply_blur_pyramid, blur_pyramid
+from .optimizer import (
     GAMES,
     PERTURBATIONS,
     PRESETS,
@@ -23,9 +27,6 @@ from ..optimize import (
     make_batch_substrate,
     optimize_masks,
 )
-from ..perturbations import apply_blur_pyramid, blur_pyramid
-from ..seeding import image_seed
-from . import Method, register
 
 
 @register

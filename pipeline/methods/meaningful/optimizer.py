@@ -50,8 +50,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import SettingsError
-from .perturbations import (
+from ...errors import SettingsError
+from ..perturbations import (
     apply_blur_pyramid,
     blur_pyramid,
     gaussian_blur,

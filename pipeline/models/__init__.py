@@ -1,0 +1,3 @@
+"""The classifiers: the model registry and its wrappers, which take pixels in [0, 1] and own
+the normalisation (registry); scoring's folded model (folding); the sanity check's
+re-initialisation (randomisation)."""
