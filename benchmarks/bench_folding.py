@@ -29,7 +29,8 @@ from bench_scoring_format import (  # noqa: E402
 )
 
 from pipeline.models.folding import foldable_pairs, scoring_model  # noqa: E402
-from pipeline.models.registry import channels_last_on_cpu, load_model  # noqa: E402
+from pipeline.models.registry import load_model  # noqa: E402
+from pipeline.models.speed import channels_last_on_cpu  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

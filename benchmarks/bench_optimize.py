@@ -42,13 +42,12 @@ sys.path.insert(0, str(ROOT))
 from pipeline.data.seeding import image_seed  # noqa: E402
 from pipeline.methods.meaningful.optimizer import (  # noqa: E402
     PRESETS,
-    SpeedOptions,
-    cpu_bf16_support,
     optimize_masks,
     total_variation,
 )
 from pipeline.methods.perturbations import make_substrate  # noqa: E402
 from pipeline.models.registry import load_model  # noqa: E402
+from pipeline.models.speed import SpeedOptions, cpu_bf16_support  # noqa: E402
 
 SETTINGS = PRESETS["seed"]
 

@@ -1,6 +1,6 @@
 """Scoring in channels_last on the CPU: the deletion + insertion curves of the same images
 with the model's weights contiguous (NCHW) and in channels_last
-(``pipeline.models.registry.channels_last_on_cpu``, which ``scoring.evaluate_batch`` uses), timed
+(``pipeline.models.speed.channels_last_on_cpu``, which ``scoring.evaluate_batch`` uses), timed
 alternately in one process so background load hits both alike.
 
     .venv/bin/python benchmarks/bench_scoring_format.py --threads 2
@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.metrics.deletion_insertion import perturbation_curves  # noqa: E402
-from pipeline.models.registry import channels_last_on_cpu, load_model  # noqa: E402
+from pipeline.models.registry import load_model  # noqa: E402
+from pipeline.models.speed import channels_last_on_cpu  # noqa: E402
 
 
 def curves(model, images, saliency, targets, batch: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Fidelity of bf16 scoring (issue 26): the deletion and insertion AUCs of the same maps
 scored with the model in float32 and under bf16 autocast (`--eval-precision bf16`,
-models.Bf16Forward), per image, on the sample's first images.
+models.speed.Bf16Forward), per image, on the sample's first images.
 
     .venv/bin/python benchmarks/eval_precision_fidelity.py --images 100 --step 1792
 
@@ -9,7 +9,7 @@ Both scorings use what scoring.evaluate_batch uses (batch norm folded, channels_
 CPU). Appends to benchmarks/results/eval_precision_fidelity_images.csv (per image, as it
 goes: a killed run resumes where it stopped) and appends
 a summary row to eval_precision_fidelity.csv: mean and max |ΔAUC|, whether the family meets
-the gate of configuration.EVAL_BF16_FAMILIES (mean ≤ 0.002 and max ≤ 0.01 for both curves),
+the gate of speed.EVAL_BF16_FAMILIES (mean ≤ 0.002 and max ≤ 0.01 for both curves),
 and the seconds each scoring took on this device. The pointing game reads only the map, so
 bf16 scoring cannot move a point; its agreement is 1 by construction and not measured.
 """
@@ -36,7 +36,8 @@ from pipeline.data.images import ImageFolderDataset  # noqa: E402
 from pipeline.methods import get_method  # noqa: E402
 from pipeline.metrics.deletion_insertion import CurveProtocol, auc, perturbation_curves  # noqa: E402
 from pipeline.models.folding import scoring_model  # noqa: E402
-from pipeline.models.registry import Bf16Forward, channels_last_on_cpu, load_model  # noqa: E402
+from pipeline.models.registry import load_model  # noqa: E402
+from pipeline.models.speed import Bf16Forward, channels_last_on_cpu  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MEAN_GATE, MAX_GATE = 0.002, 0.01

@@ -42,9 +42,9 @@ from pipeline.methods.extremal.optimizer import (  # noqa: E402
     extremal_masks,
     reward_scores,
 )
-from pipeline.methods.meaningful.optimizer import SpeedOptions, _autocast, _prepare_model  # noqa: E402
 from pipeline.methods.perturbations import apply_blur_pyramid  # noqa: E402
 from pipeline.models.registry import load_model  # noqa: E402
+from pipeline.models.speed import SpeedOptions, autocast_for, prepare_model  # noqa: E402
 
 
 def seconds_of(work, device: torch.device) -> float:
@@ -141,7 +141,7 @@ def step_parts(model, images, settings: ExtremalSettings, fast: bool, speed: Spe
     """(name, work) for each part of one step, as extremal_masks computes it on that path."""
     batch = images.shape[0]
     network, pyramid, generator = _problem(model, images, settings, fast)
-    forward = _prepare_model(network, speed, images.device)
+    forward = prepare_model(network, speed, images.device)
     areas = len(settings.areas)
     count = batch * areas
     index = torch.arange(batch, device=images.device).repeat_interleave(areas)
@@ -165,7 +165,7 @@ def step_parts(model, images, settings: ExtremalSettings, fast: bool, speed: Spe
         apply_blur_pyramid(pyramid, masks, index, torchray_ends=True).sum().backward()
 
     def network_pass() -> None:
-        with _autocast(speed, images.device):
+        with autocast_for(speed, images.device):
             logits = forward(inputs)
         reward_scores(logits, targets, settings.reward).sum().backward(inputs=[inputs])
 

@@ -63,7 +63,10 @@ echo "== 3. the comparison cache after the centre map's code changed"
 cat > $W/changed_centre.py <<'PYEOF'
 # `mpbatch` with the centre baseline's formula changed (a stand-in for an edited scoring.py)
 import dataclasses
-from pipeline import comparisons
+try:
+    from pipeline.metrics import comparisons
+except ImportError:  # the tree before pipeline/ moved into sub-packages
+    from pipeline import comparisons
 centre = comparisons.get_comparison("center")
 comparisons._REGISTRY["center"] = dataclasses.replace(centre, maps=lambda r: 1 - centre.maps(r))
 from cli import main
@@ -98,7 +101,10 @@ echo "== 7. SIGTERM while the reports are written"
 cat > $W/slow_reports.py <<'PYEOF'
 # `mpbatch` whose report phase takes 3 s, so a signal can land inside it
 import time
-from pipeline import run
+try:
+    from pipeline.commands import run
+except ImportError:  # the tree before pipeline/ moved into sub-packages
+    from pipeline import run
 written = run.write_run_reports
 def slow(*args, **kwargs):
     open(__import__("os").environ["REPORTS_STARTED"], "w").close(); time.sleep(3)

@@ -4,7 +4,8 @@ One sub-package per concern, from the commands down (README.md, "How the code is
 docs/design.md for the methods, protocols and storage):
     commands/   run, evaluate, sanity, shards (merge); configuration, batching, stopping
     data/       dataset layouts, labels and boxes; decoding; the listing; per-image seeds
-    models/     the model registry and wrappers; scoring's folded model; randomisation
+    models/     the model registry and wrappers; the speed policy; scoring's folded model;
+                randomisation
     methods/    saliency methods as plug-ins: meaningful/, extremal/, gradcam; perturbations
     metrics/    deletion/insertion, pointing, localization, ROAD, similarity; comparisons and
                 their cache; scoring

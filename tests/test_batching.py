@@ -11,8 +11,9 @@ from tiny_models import TinyCNN
 from pipeline.commands.batching import batch_probe, explain_padded, padded_size, probe_speed
 from pipeline.methods import get_method
 from pipeline.methods.meaningful import MeaningfulPerturbation
-from pipeline.methods.meaningful.optimizer import MaskSettings, SpeedOptions
+from pipeline.methods.meaningful.optimizer import MaskSettings
 from pipeline.models.registry import NormalizedClassifier
+from pipeline.models.speed import SpeedOptions
 
 SETTINGS = MaskSettings(iterations=6, mask_size=8, blur_kernel=5, blur_sigma=2.0)
 

@@ -15,7 +15,7 @@ from pipeline.commands.configuration import (
     applied_speed,
     upgrade_stored,
 )
-from pipeline.methods.meaningful.optimizer import SpeedOptions
+from pipeline.models.speed import SpeedOptions
 
 
 def test_cuda_speed_options_follow_the_h100_measurements(monkeypatch) -> None:

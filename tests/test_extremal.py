@@ -20,7 +20,7 @@ from pipeline.methods.extremal.optimizer import (
     render_masks,
     reward_scores,
 )
-from pipeline.methods.meaningful.optimizer import SpeedOptions
+from pipeline.models.speed import SpeedOptions
 
 # Cheap settings for the equivalence tests: 3×3 taps per pixel, few iterations.
 FAST = ExtremalSettings(

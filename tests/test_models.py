@@ -19,11 +19,11 @@ from pipeline.models.registry import (
     IMAGENET_STD,
     ModelError,
     NormalizedClassifier,
-    channels_last_on_cpu,
     load_model,
     load_state_dict_file,
     map_lite0_keys,
 )
+from pipeline.models.speed import channels_last_on_cpu
 
 timm = pytest.importorskip("timm")
 tvm = pytest.importorskip("torchvision.models")

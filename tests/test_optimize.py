@@ -13,22 +13,19 @@ from tiny_models import BrightRegionModel, TinyCNN
 import pipeline.methods.meaningful.optimizer as optimize
 from pipeline.data.seeding import image_seed
 from pipeline.methods.meaningful.optimizer import (
-    CPU_PRECISION,
     PRESETS,
     MaskSettings,
-    SpeedOptions,
     applied_masks,
-    cpu_bf16_support,
     crop_windows,
     jitter_images,
     make_batch_substrate,
     optimize_masks,
     original_blur_sigmas,
-    resolve_precision,
     total_variation,
     upsample_masks,
 )
 from pipeline.methods.perturbations import gaussian_blur, gaussian_blur_per_image
+from pipeline.models.speed import CPU_PRECISION, SpeedOptions, cpu_bf16_support, resolve_precision
 
 FAST = MaskSettings(iterations=12, mask_size=8, blur_kernel=5, blur_sigma=2.0)
 

@@ -66,11 +66,10 @@ def test_scoring_batch_defaults_to_the_device() -> None:
 def test_eval_precision_bf16_scores_through_autocast_and_auto_needs_both_gates(
     monkeypatch,
 ) -> None:
-    from pipeline.commands import configuration
-    from pipeline.commands.configuration import resolve_eval_precision
     from pipeline.errors import SettingsError
     from pipeline.metrics.deletion_insertion import auc, perturbation_curves
-    from pipeline.models.registry import Bf16Forward
+    from pipeline.models import speed
+    from pipeline.models.speed import Bf16Forward, resolve_eval_precision
 
     generator = torch.Generator().manual_seed(4)
     images = torch.rand(2, 3, 32, 32, generator=generator)
@@ -104,10 +103,10 @@ def test_eval_precision_bf16_scores_through_autocast_and_auto_needs_both_gates(
 
     assert resolve_eval_precision("bf16", "cpu", "tiny") == "bf16"
     assert resolve_eval_precision("auto", "cpu", "efficientnet_lite0") in ("fp32", "bf16")
-    monkeypatch.setattr(configuration, "EVAL_BF16_FAMILIES", ("tiny",))
-    monkeypatch.setattr(configuration, "resolve_precision", lambda device, name: "fp32")
+    monkeypatch.setattr(speed, "EVAL_BF16_FAMILIES", ("tiny",))
+    monkeypatch.setattr(speed, "resolve_precision", lambda device, name: "fp32")
     assert resolve_eval_precision("auto", "cpu", "tiny") == "fp32"  # bf16 not native here
-    monkeypatch.setattr(configuration, "resolve_precision", lambda device, name: "bf16")
+    monkeypatch.setattr(speed, "resolve_precision", lambda device, name: "bf16")
     assert resolve_eval_precision("auto", "cpu", "tiny") == "bf16"
     assert resolve_eval_precision("auto", "cpu", "resnet50") == "fp32"  # family unmeasured
     with np.testing.assert_raises(SettingsError):

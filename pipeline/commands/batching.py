@@ -16,7 +16,7 @@ import torch
 from ..data.seeding import image_seeds
 from ..errors import SettingsError
 from ..methods import Method
-from ..methods.meaningful.optimizer import SpeedOptions
+from ..models.speed import SpeedOptions
 from .stopping import ignore_stop_signals
 
 log = logging.getLogger(__name__)

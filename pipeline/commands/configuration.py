@@ -21,11 +21,11 @@ import torch
 from .. import __version__
 from ..errors import SettingsError
 from ..methods import DEFAULT_METHOD, get_method, method_for_preset
-from ..methods.meaningful.optimizer import SpeedOptions, resolve_precision
 from ..metrics.comparisons import comparison_names
 from ..metrics.deletion_insertion import CurveProtocol
 from ..metrics.pointing import SMALL_OBJECT_COVERAGE
 from ..metrics.road import ROAD_FRACTIONS, ROAD_NOISE, describe_road
+from ..models.speed import EVAL_PRECISIONS, SpeedOptions, resolve_eval_precision
 
 # Step images scored per forward pass when not set. On this CPU (one thread), deletion +
 # insertion curves of EfficientNet-Lite0 took 15.0 s at eval batch 1, 17.5 s at 2, 21.6 s
@@ -38,26 +38,6 @@ CUDA_EVAL_BATCH_SIZE = 128
 def eval_batch_size_for(device: torch.device) -> int:
     """The default number of step images per scoring forward pass on `device`."""
     return CUDA_EVAL_BATCH_SIZE if device.type == "cuda" else CPU_EVAL_BATCH_SIZE
-
-
-EVAL_PRECISIONS = ("auto", "fp32", "bf16")
-# Model families whose bf16 scoring kept |ΔAUC| against fp32 within mean 0.002 and max 0.01
-# on the sample's first 100 images (benchmarks/eval_precision_fidelity.py,
-# benchmarks/results/eval_precision_fidelity.csv). Unmeasured families score in fp32;
-# efficientnet_lite0 failed (mean |ΔAUC| 0.0079, max 0.053 on Grad-CAM maps).
-EVAL_BF16_FAMILIES: tuple[str, ...] = ()
-
-
-def resolve_eval_precision(requested: str, device: torch.device | str, model_name: str) -> str:
-    """The scoring forwards' precision: an explicit choice as it is; "auto" is bf16 only where
-    the masks' "auto" also picks bf16 for this device and model (bf16 is native there, see
-    optimize.resolve_precision) and the family passed the fidelity check (EVAL_BF16_FAMILIES),
-    else fp32."""
-    if requested != "auto":
-        return requested
-    family = any(model_name.lower().startswith(f) for f in EVAL_BF16_FAMILIES)
-    native = resolve_precision(device, model_name) == "bf16"
-    return "bf16" if family and native else "fp32"
 
 
 def comparisons() -> tuple[str, ...]:
@@ -333,7 +313,7 @@ def applied_speed(options: RunOptions, device: torch.device) -> SpeedOptions:
     """How the optimisation runs (no effect on the hyperparameters).
 
     "auto" precision follows bench_optimize.py (SpeedOptions.recommended): bf16 where it
-    won (CUDA; standard conv nets on CPUs with AMX or avx512_bf16, optimize.CPU_PRECISION),
+    won (CUDA; standard conv nets on CPUs with AMX or avx512_bf16, speed.CPU_PRECISION),
     fp32 where bf16 is emulated, for depthwise-heavy nets on CPU and for
     custom `module:function` models, which nothing has measured, and for methods whose bf16
     fidelity nothing has measured (Method.auto_bf16 False: extremal). An explicit precision

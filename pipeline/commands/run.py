@@ -25,10 +25,10 @@ from ..data.images import ImageFolderDataset
 from ..data.listing import Listing, compare, shard_positions
 from ..errors import MpbatchError, SettingsError
 from ..methods import Method, get_method
-from ..methods.meaningful.optimizer import SpeedOptions
 from ..metrics.scoring import check_labels, evaluate_batch, image_columns
 from ..models.randomisation import network_of, randomise
 from ..models.registry import NormalizedClassifier, load_model
+from ..models.speed import SpeedOptions
 from ..reports.writer import write_run_reports, write_summary
 from ..store.lock import hold, prepare_out
 from ..store.writer import MaskStore

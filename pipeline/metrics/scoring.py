@@ -10,11 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..commands.configuration import EvalOptions, eval_batch_size_for, resolve_eval_precision
+from ..commands.configuration import EvalOptions, eval_batch_size_for
 from ..data.datasets import DatasetError, Sample
 from ..data.seeding import image_seeds
 from ..models.folding import scoring_model
-from ..models.registry import Bf16Forward, NormalizedClassifier, channels_last_on_cpu
+from ..models.registry import NormalizedClassifier
+from ..models.speed import Bf16Forward, channels_last_on_cpu, resolve_eval_precision
 from .comparison_cache import ComparisonCache, function_digest, model_digest
 from .comparisons import MapRequest, comparison_maps, get_comparison
 from .deletion_insertion import score_saliency

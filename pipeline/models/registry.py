@@ -22,12 +22,11 @@ mapping of the bundled EfficientNet-Lite0 weights onto timm's module names.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -217,58 +216,6 @@ def load_model(
     wrapper.eval()
     wrapper.requires_grad_(False)
     return wrapper
-
-
-class Bf16Forward(nn.Module):
-    """`model` with its forward under bf16 autocast on the input's device, logits returned in
-    float32; mean and std (pixel units) are the model's, so perturbation substrates stay the
-    same. Scoring's `--eval-precision bf16`."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.model.mean
-
-    @property
-    def std(self) -> torch.Tensor:
-        return self.model.std
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(pixels.device.type, dtype=torch.bfloat16):
-            return self.model(pixels).float()
-
-
-@contextlib.contextmanager
-def channels_last_on_cpu(model: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
-    """Run the block with the model's weights in channels_last when ``device`` is the CPU.
-
-    The convolutions then pick oneDNN's channels_last kernels for inputs of any layout; the
-    outputs change only by floating-point order. On an AMX Xeon the deletion and insertion
-    curves ran 1.38x faster for EfficientNet-Lite0 and 1.20x for ResNet-50 (2 threads, eval
-    batch 8), 1.37x for Lite0 (1 thread, batch 1, the CPU default)
-    (benchmarks/results/bench_scoring_format_cpu.csv). The weights' previous layout is
-    restored on exit, so the optimisation keeps its own choice (SpeedOptions.channels_last).
-    Elsewhere (CUDA: not measured) the model is left as it is.
-    """
-    if torch.device(device).type != "cpu":
-        yield model
-        return
-    # a weight whose two layouts differ (1×1 and depthwise kernels can be both at once)
-    telling = [
-        p
-        for p in model.parameters()
-        if p.dim() == 4 and p.is_contiguous() != p.is_contiguous(memory_format=torch.channels_last)
-    ]
-    was_channels_last = bool(telling) and not telling[0].is_contiguous()
-    model.to(memory_format=torch.channels_last)
-    try:
-        yield model
-    finally:
-        if not was_channels_last:
-            model.to(memory_format=torch.contiguous_format)
 
 
 # --------------------------------------------------------------------------- state dicts

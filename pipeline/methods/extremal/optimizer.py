@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import SettingsError
-from ..meaningful.optimizer import SpeedOptions, _autocast, _prepare_model, _to_model_format
+from ...models.speed import SpeedOptions, autocast_for, prepare_model, to_model_format
 from ..perturbations import apply_blur_pyramid, blur_pyramid, smooth_zero_padded
 from .mask_generators import FastMaskGenerator, MaskGenerator
 
@@ -284,8 +284,8 @@ def extremal_masks(
     fast = speed is not None and not speed.reference
     speed = resolved_speed(speed)
     network, pyramid, generator = _problem(model, images, settings, fast)
-    forward = _prepare_model(network, speed, images.device)
-    autocast = _autocast(speed, images.device)
+    forward = prepare_model(network, speed, images.device)
+    autocast = autocast_for(speed, images.device)
     mark_step = speed.cuda_graphs and images.device.type == "cuda"
     image_index = torch.arange(batch, device=images.device).repeat_interleave(len(settings.areas))
     mask_targets = targets.to(images.device).repeat_interleave(len(settings.areas))
@@ -307,7 +307,7 @@ def extremal_masks(
         if settings.jitter and iteration % 2 == 0:
             perturbed = perturbed.flip(dims=(3,))
         with autocast:
-            logits = forward(_to_model_format(perturbed, speed))
+            logits = forward(to_model_format(perturbed, speed))
         scores = reward_scores(logits, model_targets, settings.reward)
         reward = _rewards(scores, count, settings.variant)
         loss = (weight * area_loss(extended, references) - reward).sum()
