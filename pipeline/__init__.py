@@ -1,6 +1,7 @@
 """mpbatch: batched meaningful-perturbation saliency masks for whole image datasets.
 
-One sub-package per concern, from the commands down (README.md, "How the code is laid out";
+A notebook starts at `pipeline.api` (explain a batch, score maps, read a run folder). One
+sub-package per concern, from the commands down (README.md, "How the code is laid out";
 docs/design.md for the methods, protocols and storage):
     commands/   run, evaluate, sanity, shards (merge); configuration, batching, stopping
     data/       dataset layouts, labels and boxes; decoding; the listing; per-image seeds
