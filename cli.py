@@ -20,6 +20,9 @@ import click
 from pipeline import __version__
 from pipeline.commands.configuration import comparisons
 from pipeline.methods import DEFAULT_METHOD, method_names, option_flags, preset_names
+from pipeline.metrics.pointing import POINTING_TOLERANCE
+from pipeline.models.randomisation import DEFAULT_RANDOMISATION_SEED
+from pipeline.models.registry import DEFAULT_MODEL
 
 
 def _user_errors(function):
@@ -155,7 +158,7 @@ def _evaluation_options(function):
             click.option(
                 "--tolerance",
                 type=float,
-                default=15.0,
+                default=POINTING_TOLERANCE,
                 show_default=True,
                 help="Pointing-game tolerance in pixels of the original image.",
             ),
@@ -269,7 +272,7 @@ def _explain_options(function):
         [
             click.option(
                 "--model",
-                default="efficientnet_lite0",
+                default=DEFAULT_MODEL,
                 show_default=True,
                 help="efficientnet_lite0, a torchvision name (vgg19, resnet50, ...), "
                 "timm:NAME, or module.path:function.",
@@ -428,7 +431,7 @@ def _run_options(data, out, options: dict, evaluation, quiet: bool):
 @click.option(
     "--randomisation-seed",
     type=int,
-    default=42,
+    default=DEFAULT_RANDOMISATION_SEED,
     show_default=True,
     help="Each module is re-initialised right after torch.manual_seed(SEED + 1), as Quantus.",
 )

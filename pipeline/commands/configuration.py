@@ -23,8 +23,10 @@ from ..errors import SettingsError
 from ..methods import DEFAULT_METHOD, get_method, method_for_preset
 from ..metrics.comparisons import comparison_names
 from ..metrics.deletion_insertion import CurveProtocol
-from ..metrics.pointing import SMALL_OBJECT_COVERAGE
+from ..metrics.pointing import POINTING_TOLERANCE, SMALL_OBJECT_COVERAGE
 from ..metrics.road import ROAD_FRACTIONS, ROAD_NOISE, describe_road
+from ..models.randomisation import DEFAULT_RANDOMISATION_SEED
+from ..models.registry import DEFAULT_MODEL
 from ..models.speed import EVAL_PRECISIONS, SpeedOptions, resolve_eval_precision
 
 # Step images scored per forward pass when not set. On this CPU (one thread), deletion +
@@ -55,7 +57,7 @@ class EvalOptions:
     """
 
     step: int = 224
-    tolerance: float = 15.0
+    tolerance: float = POINTING_TOLERANCE
     eval_batch_size: int | None = None  # None: eval_batch_size_for(the images' device)
     baselines: tuple[str, ...] = field(default_factory=comparisons)
     seed: int = 0  # of the random baseline and of ROAD's imputation noise
@@ -155,7 +157,7 @@ class RunOptions:
 
     data: Path
     out: Path
-    model: str = "efficientnet_lite0"
+    model: str = DEFAULT_MODEL
     weights: str | None = None
     preset: str | None = None  # None: the method's first preset
     overrides: dict = field(default_factory=dict)  # settings fields set on the CLI
@@ -183,7 +185,7 @@ class RunOptions:
     # the sanity check's stage: modules of the network re-initialised before explaining
     # (pipeline.models.randomisation.randomise), top first; () for the trained model
     randomised: tuple[str, ...] = ()
-    randomisation_seed: int = 42
+    randomisation_seed: int = DEFAULT_RANDOMISATION_SEED
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:

@@ -22,7 +22,7 @@ from ..data.images import ImageFolderDataset
 from ..metrics.comparisons import MapRequest, comparison_maps, get_comparison
 from ..metrics.maps import resize_maps, same_aspect
 from ..metrics.scoring import check_labels, evaluate_batch, image_columns
-from ..models.registry import load_model
+from ..models.registry import DEFAULT_MODEL, load_model
 from ..reports.writer import write_report_csv, write_summary
 from ..store.lock import hold, prepare_out
 from ..store.reader import MASKS_FILE, REPORT_FILE, SCORES_FILE, RunFile, decode_strings
@@ -236,7 +236,7 @@ def _images(options: EvaluateOptions, source: SaliencySource):
 def _model_and_record(options, source, data: Path, chosen: list[Sample]):
     """The scoring model on its device, and what the scores file records of this scoring."""
     config = source.config
-    model_name = options.model or config.get("model") or "efficientnet_lite0"
+    model_name = options.model or config.get("model") or DEFAULT_MODEL
     weights = options.weights if options.model else config.get("weights", options.weights)
     device = pick_device(options.device)
     model = load_model(model_name, weights).to(device)

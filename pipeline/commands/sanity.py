@@ -34,6 +34,7 @@ from ..errors import SettingsError
 from ..methods import get_method
 from ..metrics.similarity import mean_pairwise_pearson, similarities
 from ..models.randomisation import (
+    DEFAULT_RANDOMISATION_SEED,
     GRANULARITIES,
     Stage,
     check_modules,
@@ -69,7 +70,7 @@ class SanityOptions:
 
     run: RunOptions
     granularity: str = "blocks"  # pipeline.models.randomisation.GRANULARITIES
-    randomisation_seed: int = 42
+    randomisation_seed: int = DEFAULT_RANDOMISATION_SEED
     stages: bool = True  # the model-randomisation check (False: repeatability alone)
     repeat: int = 0  # K >= 2: explain K times with seeds seed .. seed + K - 1
     layers: tuple[str, ...] | None = None  # only these stages (by name), top first

@@ -131,11 +131,6 @@ def imagenet_class_names() -> list[str]:
     return [lemmas.get(w, w).split(",")[0].strip() for w in _wnids()]
 
 
-def wnid_to_index(wnid: str) -> int:
-    """Class index (0..999) of an ImageNet-1k wnid; KeyError if it is not one of them."""
-    return _wnid_index()[wnid]
-
-
 def read_synset_mapping(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     """Parse LOC_synset_mapping.txt ("wnid name, name2, ..." per line).
 

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ..data.seeding import image_seed
 from .maps import as_bhw, as_float, check_finite, check_fits, resize_maps
-from .pointing import pointing_energy, pointing_hits, pointing_points
+from .pointing import POINTING_TOLERANCE, pointing_energy, pointing_hits, pointing_points
 
 __all__ = [
     "CurveProtocol",
@@ -357,7 +357,7 @@ def score_saliency(
     original_sizes: Sequence,
     *,
     protocol: CurveProtocol = CurveProtocol(),
-    tolerance: float = 15.0,
+    tolerance: float = POINTING_TOLERANCE,
     eval_batch_size: int = 256,
     points: Tensor | None = None,
     smooth: float = 0.0,

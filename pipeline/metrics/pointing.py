@@ -29,6 +29,10 @@ from torch import Tensor
 from ..methods.perturbations import smooth_zero_padded
 from .maps import as_bhw, as_float, check_finite, resize_maps
 
+# A hit: the point lies within this many pixels (Euclidean, strict <) of a target box
+# (Zhang et al. 2016; TorchRay's pointing_game.py)
+POINTING_TOLERANCE = 15.0
+
 
 def _sizes(original_sizes, batch: int) -> list[tuple[int, int]]:
     sizes = [(int(wh[0]), int(wh[1])) for wh in original_sizes]
@@ -103,7 +107,7 @@ def center_points(original_sizes) -> Tensor:
     ).reshape(-1, 2)
 
 
-def pointing_hits(points: Tensor, boxes, *, tolerance: float = 15.0) -> Tensor:
+def pointing_hits(points: Tensor, boxes, *, tolerance: float = POINTING_TOLERANCE) -> Tensor:
     """Hit (1.0) / miss (0.0) for given points; NaN for an image without boxes.
 
     ``points`` B×2 (x, y) in original pixels; ``boxes`` a list of K×4 tensors
@@ -126,7 +130,9 @@ def pointing_hits(points: Tensor, boxes, *, tolerance: float = 15.0) -> Tensor:
     return out
 
 
-def pointing_game(saliency: Tensor, boxes, original_sizes, *, tolerance: float = 15.0) -> Tensor:
+def pointing_game(
+    saliency: Tensor, boxes, original_sizes, *, tolerance: float = POINTING_TOLERANCE
+) -> Tensor:
     """Pointing game per image: 1.0 hit, 0.0 miss, NaN when the image has no boxes.
 
     ``saliency`` B×h×w; ``boxes`` a list (length B) of K×4 tensors (xmin, ymin, xmax, ymax)

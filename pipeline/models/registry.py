@@ -343,7 +343,7 @@ def _load_lite0(weights: str | os.PathLike | None) -> NormalizedClassifier:
             sd = map_lite0_keys(sd)
         _load_checked(model, sd, f"efficientnet_lite0 from {path}")
     return NormalizedClassifier(
-        model, LITE0_MEAN, LITE0_STD, _imagenet_names(), name="efficientnet_lite0", weights=source
+        model, LITE0_MEAN, LITE0_STD, _imagenet_names(), name=DEFAULT_MODEL, weights=source
     )
 
 

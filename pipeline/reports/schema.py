@@ -34,10 +34,6 @@ class Column:
     better: str | None = None
     key: bool = False
 
-    @property
-    def arrow(self) -> str:
-        return {"lower": " ↓", "higher": " ↑"}.get(self.better or "", "")
-
 
 # `mpbatch sanity`'s measures of how alike a randomised model's map is to the trained one's
 # (pipeline.metrics.similarity); lower is better: the map follows the weights that made the decision

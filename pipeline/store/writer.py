@@ -221,7 +221,6 @@ class MaskStore:
         self.repaired = ""  # what was repaired on opening, for the log
         self.closed = False
         self.broken = False  # a write failed: HDF5's state is not to be trusted
-        sys.unraisablehook = _quiet_hdf5_deallocation
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -673,8 +672,11 @@ class MaskStore:
                 pass
 
     def _let_go(self) -> None:
-        """After a failed write: close without writing anything more."""
+        """After a failed write: close without writing anything more, and from now on keep
+        HDF5's repeats of the error out of stderr (the process is about to end: the CLI says
+        what was kept in one line). Nothing else changes Python's unraisable hook."""
         self.broken = True
+        sys.unraisablehook = _quiet_hdf5_deallocation
         self.close()
 
     def __enter__(self) -> MaskStore:
