@@ -7,9 +7,9 @@ at a time (its batch is the areas of one image), on the first `--torchray-count`
 path's first batch also pays warm-up (and compilation, with `compile`), so it is timed once
 untimed before; the GPU is synchronised around every timing.
 
-    python benchmarks/bench_extremal.py --data SAMPLE --device cuda --count 40 \\
+    python -m benchmarks.bench_extremal --data SAMPLE --device cuda --count 40 \\
         --batch-size 40 --paths fast,fast-bf16,reference --torchray-count 2
-    .venv/bin/python benchmarks/bench_extremal.py --data ../shared/data/imagenet-val-sample \\
+    .venv/bin/python -m benchmarks.bench_extremal --data ../shared/data/imagenet-val-sample \\
         --count 2 --batch-size 2 --iterations 20 --torchray-count 1      # a CPU dry run
 
 Paths: "reference" (TorchRay's operation order, float32), "fast" (smooth_masks'
@@ -24,22 +24,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from bench_resume import cpu_name  # noqa: E402
-from bench_scoring_format import append_rows  # noqa: E402
-from parity import load_images, torchray_masks  # noqa: E402
-from profile_extremal import seconds_of  # noqa: E402
-
+from benchmarks.bench_resume import cpu_name  # noqa: E402
+from benchmarks.bench_scoring_format import append_rows  # noqa: E402
+from benchmarks.parity import load_images, torchray_masks  # noqa: E402
+from benchmarks.profile_extremal import seconds_of  # noqa: E402
 from pipeline.methods.extremal.optimizer import EXTREMAL_PRESETS, extremal_masks  # noqa: E402
-from pipeline.methods.meaningful.optimizer import SpeedOptions  # noqa: E402
 from pipeline.models.registry import load_model  # noqa: E402
+from pipeline.models.speed import SpeedOptions  # noqa: E402
 
 
 def speed_of(path: str) -> SpeedOptions:

@@ -3,7 +3,7 @@ scoring.evaluate_batch uses): the deletion + insertion curves of the same images
 model as loaded and with its folded copy, both in channels_last on the CPU as scoring runs
 them, timed alternately in one process so background load hits both alike.
 
-    .venv/bin/python benchmarks/bench_folding.py --threads 1
+    .venv/bin/python -m benchmarks.bench_folding --threads 1
 
 Appends one row per model to benchmarks/results/bench_folding_cpu.csv: the CPU, torch, best
 wall seconds of each variant, their ratio, the batch norms folded, and the largest curve
@@ -12,22 +12,19 @@ difference between the two (rounding only).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from bench_resume import cpu_name  # noqa: E402
-from bench_scoring_format import (  # noqa: E402
+from benchmarks.bench_resume import cpu_name  # noqa: E402
+from benchmarks.bench_scoring_format import (  # noqa: E402
     append_rows,
     scoring_arguments,
     scoring_inputs,
     timed,
 )
-
 from pipeline.models.folding import foldable_pairs, scoring_model  # noqa: E402
 from pipeline.models.registry import load_model  # noqa: E402
 from pipeline.models.speed import channels_last_on_cpu  # noqa: E402

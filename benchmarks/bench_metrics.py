@@ -13,8 +13,8 @@ of one image = one image), and appends two rows to
 on a shared, oversubscribed CPU the one-image calls lose far more to thread contention
 than the batched ones, so compare runs made under similar load (or with ``--threads 1``).
 
-    .venv/bin/python benchmarks/bench_metrics.py                 # resnet18, 2 images on CPU
-    .venv/bin/python benchmarks/bench_metrics.py --device cuda --images 32
+    .venv/bin/python -m benchmarks.bench_metrics                 # resnet18, 2 images on CPU
+    .venv/bin/python -m benchmarks.bench_metrics --device cuda --images 32
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import argparse
 import csv
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -33,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from pipeline.metrics.deletion_insertion import CurveProtocol, perturbation_curves  # noqa: E402
 

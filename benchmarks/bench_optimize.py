@@ -12,8 +12,8 @@ iterations run (``--warmup`` then ``--iters``): the per-iteration cost is what i
 Each iteration is timed on its own (optimize_masks's ``on_iteration`` hook for (b); CUDA
 synchronised); the figure is the median of the timed iterations, per image.
 
-    .venv/bin/python benchmarks/bench_optimize.py                          # CPU: batch 1, 8
-    .venv/bin/python benchmarks/bench_optimize.py --device cuda --batch-sizes 1,8,16,32,64
+    .venv/bin/python -m benchmarks.bench_optimize                          # CPU: batch 1, 8
+    .venv/bin/python -m benchmarks.bench_optimize --device cuda --batch-sizes 1,8,16,32,64
 
 Writes ``benchmarks/results/bench_optimize_<device>.csv`` (``--out`` to change); the columns
 are described in benchmarks/README.md.
@@ -27,7 +27,6 @@ import ctypes
 import gc
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from pipeline.data.seeding import image_seed  # noqa: E402
 from pipeline.methods.meaningful.optimizer import (  # noqa: E402

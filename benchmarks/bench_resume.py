@@ -5,7 +5,7 @@ with an image removed (the file is rewritten without its row, which is moved out
 Synthetic rows shaped like a seed-preset run's (a 28×28 mask, 2 curves of 226 scores per
 map for the method and 3 comparisons, 40 scalar columns); no model runs.
 
-    .venv/bin/python benchmarks/bench_resume.py --images 50000 --batch-size 64
+    .venv/bin/python -m benchmarks.bench_resume --images 50000 --batch-size 64
 
 Writes benchmarks/results/bench_resume.csv (``--out`` to change).
 """
@@ -16,7 +16,6 @@ import argparse
 import csv
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from pipeline.store.writer import MaskStore  # noqa: E402
 

@@ -4,27 +4,26 @@ NoisyLinearImputer, as ported in grad-cam 1.5.7), on sample photos at 224×224: 
 image for the 18 imputations of one map (MoRF and LeRF at 10%..90%) and the largest
 difference from the reference.
 
-    .venv/bin/python benchmarks/bench_road.py --images 4 --threads 2
+    .venv/bin/python -m benchmarks.bench_road --images 4 --threads 2
+    python -m benchmarks.bench_road --images 8 --device cuda --out OUT/bench_road_cuda.csv
 
-Writes benchmarks/results/bench_road.csv (one row per map kind and solver).
+Writes benchmarks/results/bench_road.csv (one row per map kind and solver). With --device
+cuda the conjugate-gradient solver runs on the GPU (the reference and the LU stay on the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from bench_resume import cpu_name  # noqa: E402
-from test_road import _reference  # noqa: E402
-
+from benchmarks.bench_resume import cpu_name  # noqa: E402
+from benchmarks.road_reference import load_road_reference  # noqa: E402
 from pipeline.data.datasets import discover  # noqa: E402
 from pipeline.data.images import decode_image, resize_image  # noqa: E402
 from pipeline.metrics.deletion_insertion import center_saliency  # noqa: E402
@@ -52,13 +51,24 @@ def masks(saliency: torch.Tensor) -> torch.Tensor:
     return torch.stack(every, dim=1).flatten(0, 1)
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where the conjugate gradients run")
+    parser.add_argument("--solvers", default="direct,cg", help="mpbatch's solvers to time")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/bench_road.csv")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    reference = _reference()
+    reference = load_road_reference()
+    if reference is None:
+        raise SystemExit("bench_road needs grad-cam's ROAD imputer: make references")
     imputer = reference.NoisyLinearImputer(noise=0.0)
     images = photos(args.images)
     per_map = 2 * len(ROAD_FRACTIONS)
@@ -72,17 +82,22 @@ def main() -> None:
         )
         reference_s = (time.perf_counter() - started) / args.images
         results = [("reference: scipy spsolve, one image at a time", reference_s, 0.0)]
-        for solver in ("direct", "cg"):
+        for solver in args.solvers.split(","):
+            where = device if solver == "cg" else torch.device("cpu")
+            inputs, holes = repeated.to(where), removed.to(where)
+            synchronize(where)
             started = time.perf_counter()
             ours = torch.cat(
                 [
                     linear_imputation(
-                        repeated[i : i + per_map], removed[i : i + per_map], solver=solver
-                    )
+                        inputs[i : i + per_map], holes[i : i + per_map], solver=solver
+                    ).cpu()
                     for i in range(0, len(removed), per_map)
                 ]
             )
+            synchronize(where)
             seconds = (time.perf_counter() - started) / args.images
+            solver = f"{solver} on {where.type}"
             results.append((f"mpbatch {solver}", seconds, float((ours - theirs).abs().max())))
         for solver, seconds, worst in results:
             rows.append(
@@ -93,13 +108,14 @@ def main() -> None:
                     "images": args.images,
                     "max_abs_diff_vs_reference": f"{worst:.2e}",
                     "threads": args.threads,
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
                     "cpu": cpu_name(),
                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "torch": torch.__version__,
                 }
             )
             print(rows[-1])
-    out = ROOT / "benchmarks" / "results" / "bench_road.csv"
+    out = args.out
     with open(out, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -3,7 +3,7 @@ with the model's weights contiguous (NCHW) and in channels_last
 (``pipeline.models.speed.channels_last_on_cpu``, which ``scoring.evaluate_batch`` uses), timed
 alternately in one process so background load hits both alike.
 
-    .venv/bin/python benchmarks/bench_scoring_format.py --threads 2
+    .venv/bin/python -m benchmarks.bench_scoring_format --threads 2
 
 Appends one row per model to benchmarks/results/bench_scoring_format_cpu.csv: best wall
 seconds of each variant, their ratio, and the largest curve difference between them.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from pipeline.metrics.deletion_insertion import perturbation_curves  # noqa: E402
 from pipeline.models.registry import load_model  # noqa: E402

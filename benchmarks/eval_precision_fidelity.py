@@ -2,7 +2,7 @@
 scored with the model in float32 and under bf16 autocast (`--eval-precision bf16`,
 models.speed.Bf16Forward), per image, on the sample's first images.
 
-    .venv/bin/python benchmarks/eval_precision_fidelity.py --images 100 --step 1792
+    .venv/bin/python -m benchmarks.eval_precision_fidelity --images 100 --step 1792
 
 The maps are Grad-CAM's (deterministic, one forward and backward), made once in float32.
 Both scorings use what scoring.evaluate_batch uses (batch norm folded, channels_last on the
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 import time
 from pathlib import Path
 
@@ -26,11 +25,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from bench_resume import cpu_name  # noqa: E402
-from bench_scoring_format import append_rows  # noqa: E402
-
+from benchmarks.bench_resume import cpu_name  # noqa: E402
+from benchmarks.bench_scoring_format import append_rows  # noqa: E402
 from pipeline.data.datasets import discover  # noqa: E402
 from pipeline.data.images import ImageFolderDataset  # noqa: E402
 from pipeline.methods import get_method  # noqa: E402

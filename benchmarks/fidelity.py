@@ -11,9 +11,9 @@ each into its own folder under ``--work``, with deletion / insertion / pointing 
   whether the variant's mean lies inside the fp32 interval;
 - the run's own timings (seconds optimising and evaluating, images/s).
 
-    .venv/bin/python benchmarks/fidelity.py DATA --limit 64 --variants fp32,bf16
-    .venv/bin/python benchmarks/fidelity.py --compare A/masks.h5 B/masks.h5   # by image path
-    python3 benchmarks/fidelity.py DATA --device cuda --limit 128 --batch-size 64 \\
+    .venv/bin/python -m benchmarks.fidelity DATA --limit 64 --variants fp32,bf16
+    .venv/bin/python -m benchmarks.fidelity --compare A/masks.h5 B/masks.h5   # by image path
+    python3 -m benchmarks.fidelity DATA --device cuda --limit 128 --batch-size 64 \\
         --variants fp32,bf16,bf16+compile --out benchmarks/results/fidelity_cuda.csv
 
 A mask that the optimiser leaves almost uniform (e.g. all ones) has no defined correlation;
@@ -23,7 +23,6 @@ such images are counted in ``undefined`` and left out of the correlation figures
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,6 @@ import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from pipeline.commands.configuration import EvalOptions, RunOptions  # noqa: E402
 from pipeline.commands.run import run  # noqa: E402

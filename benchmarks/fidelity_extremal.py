@@ -6,7 +6,7 @@ the same images and settings, one with `--reference`, compared image by image.
     mpbatch run DATA --preset torchray-voc --limit 20 --iterations 300 --no-metrics \\
         -o RUNS/fast
     mpbatch evaluate RUNS/reference --baselines none      # and the same for RUNS/fast
-    .venv/bin/python benchmarks/fidelity_extremal.py RUNS/reference RUNS/fast \\
+    .venv/bin/python -m benchmarks.fidelity_extremal RUNS/reference RUNS/fast \\
         --label "fast fp32" --out benchmarks/results/fidelity_extremal_fast.csv
 
 Per image and area (`<out>_images.csv`): Pearson r of the two stored masks (56×56 area
@@ -22,17 +22,14 @@ as much, so read r beside parity.py's r_torchray_vs_itself on the same images (`
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from bench_scoring_format import append_rows  # noqa: E402
-
+from benchmarks.bench_scoring_format import append_rows  # noqa: E402
 from pipeline.store.reader import read_columns  # noqa: E402
 
 

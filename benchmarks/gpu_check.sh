@@ -33,7 +33,7 @@ assert torch.cuda.is_available(), \"torch sees no CUDA device\"; print(torch.__v
 torchvision.__version__, timm.__version__, torch.version.cuda, torch.cuda.get_device_name(0), \
 torch.cuda.is_bf16_supported())'"
 
-step bench_optimize 150 "$PYTHON" benchmarks/bench_optimize.py --device cuda --warmup 3 \
+step bench_optimize 150 "$PYTHON" -m benchmarks.bench_optimize --device cuda --warmup 3 \
     --iters 10 --models efficientnet_lite0,resnet50,vgg19 --batch-sizes 1,8,16,32,64 \
     --out "$OUT/bench_optimize_cuda.csv"
 
@@ -52,13 +52,13 @@ fi
 step tests_cuda 70 "$PYTHON" -m pytest -q -p no:cacheprovider -m "slow or not slow" -k cuda \
     tests/test_optimize.py tests/test_metrics.py
 
-step bench_compile 100 "$PYTHON" benchmarks/bench_optimize.py --device cuda --warmup 3 \
+step bench_compile 100 "$PYTHON" -m benchmarks.bench_optimize --device cuda --warmup 3 \
     --iters 10 --models efficientnet_lite0 --batch-sizes 64 --variants recommended \
     --compile-batch-sizes 64 --cudagraph-batch-sizes 64 \
     --out "$OUT/bench_optimize_cuda_compile.csv"
 
 if [[ -n "$SAMPLE" ]]; then
-    step fidelity 140 "$PYTHON" benchmarks/fidelity.py "$SAMPLE" --device cuda --limit 128 \
+    step fidelity 140 "$PYTHON" -m benchmarks.fidelity "$SAMPLE" --device cuda --limit 128 \
         --batch-size 64 --workers 8 --variants fp32,bf16,bf16+compile \
         --work "$OUT/fidelity_runs" --out "$OUT/fidelity_lite0_cuda.csv"
 fi

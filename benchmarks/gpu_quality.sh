@@ -34,9 +34,9 @@ common=("$SAMPLE" --out-root "$OUT/sweep" --start "$START" --stop "$STOP"
     --settings baselines,extremal --tag "gpu-$START-$STOP" --results "$OUT")
 rc=0
 # SIGTERM at the limit reaches mpbatch, which flushes finished batches and exits resumable
-timeout --kill-after=30 "$LIMIT" "$PYTHON" benchmarks/quality.py "${common[@]}" \
+timeout --kill-after=30 "$LIMIT" "$PYTHON" -m benchmarks.quality "${common[@]}" \
     --run-args "${RUN_ARGS:---batch-size auto --workers 8 --quiet}" 2>&1 | tee "$OUT/quality_sweep.log" ||
     rc=$?
-"$PYTHON" benchmarks/quality.py "${common[@]}" --table-only >>"$OUT/quality_sweep.log" 2>&1
+"$PYTHON" -m benchmarks.quality "${common[@]}" --table-only >>"$OUT/quality_sweep.log" 2>&1
 cat "$OUT/quality_gpu-$START-$STOP.md" 2>/dev/null
 exit "$rc"

@@ -16,7 +16,7 @@
    for the order, the step images built one at a time, gkern via scipy, the target's softmax
    probability, RISE's auc(). Both score the same saliency (the extremal masks' sum).
 
-    python benchmarks/parity.py --count 4 --iterations 300
+    python -m benchmarks.parity --count 4 --iterations 300
 
 Writes benchmarks/results/parity_extremal_<model>.csv and parity_curves_<model>.csv.
 Needs `pip install --no-deps torchray` and scipy (test-only dependencies).

@@ -3,8 +3,8 @@ fast path: the parts of `extremal.extremal_masks`'s iteration timed apart with t
 own pieces, forward and backward each (the mask generator, the area loss's sort, the
 blur-pyramid blend, the model, the SGD step), and whole steps of `extremal_masks` itself.
 
-    .venv/bin/python benchmarks/profile_extremal.py --threads 1 --images 1
-    python benchmarks/profile_extremal.py --device cuda --images 40 --precision bf16 \
+    .venv/bin/python -m benchmarks.profile_extremal --threads 1 --images 1
+    python -m benchmarks.profile_extremal --device cuda --images 40 --precision bf16 \
         --out benchmarks/results/profile_extremal_cuda.csv
 
 `--preset torchray-voc`'s settings (4 areas, step 7, σ 21, 8 pyramid levels) at 224 px with
@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from bench_resume import cpu_name  # noqa: E402
-from bench_scoring_format import append_rows  # noqa: E402
-
+from benchmarks.bench_resume import cpu_name  # noqa: E402
+from benchmarks.bench_scoring_format import append_rows  # noqa: E402
 from pipeline.methods import get_method  # noqa: E402
 from pipeline.methods.extremal.optimizer import (  # noqa: E402
     ExtremalSettings,

@@ -8,7 +8,7 @@ baseline on the same images (joined by path). Images [START, STOP) of DATA are l
 OUT_ROOT/data-START-STOP/ (labels and boxes travel with them), so the tuning images (0-100)
 and the confirmation images (100-300) are separate folders.
 
-    python benchmarks/quality.py ../shared/data/imagenet-val-sample --out-root /work/sweep \
+    python -m benchmarks.quality ../shared/data/imagenet-val-sample --out-root /work/sweep \
         --start 0 --stop 100 --settings baselines,seed,paper,preserve,extremal
 
 Writes benchmarks/results/quality_<tag>.csv and .md: per setting and row (the method, or
@@ -35,7 +35,6 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from pipeline.commands.shards import sum_timings  # noqa: E402
 from pipeline.reports.tables import bootstrap_ci, summary_table  # noqa: E402
@@ -386,7 +385,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         print(f"no setting has a finished image under {args.out_root}", file=sys.stderr)
     args.results.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.results / f"quality_{tag}.csv", index=False)
-    command = "python benchmarks/quality.py " + shlex.join(argv or sys.argv[1:])
+    command = "python -m benchmarks.quality " + shlex.join(argv or sys.argv[1:])
     (args.results / f"quality_{tag}.md").write_text(markdown(table, command), encoding="utf-8")
     if args.per_image:
         per_image = per_image_table(runs)

@@ -4,7 +4,7 @@
 # the seed preset and the paper preset, each scored with --road. Each run resumes when the
 # same command is run again (stop it with SIGTERM; --limit is part of a run's settings).
 #   bash benchmarks/road100.sh [RUNS_FOLDER]     (default /work/runs/road100)
-# then: .venv/bin/python benchmarks/road_ranking.py RUNS_FOLDER
+# then: .venv/bin/python -m benchmarks.road_ranking RUNS_FOLDER
 set -u
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 SAMPLE=${SAMPLE:-$HERE/../shared/data/imagenet-val-sample}

@@ -1,8 +1,8 @@
 """ROAD's ranking of maps beside deletion's and insertion's (issue 24): reads the runs of
 benchmarks/road100.sh and writes benchmarks/results/road100_ranking_<runs>.csv and .md.
 
-    .venv/bin/python benchmarks/road_ranking.py /work/runs/road100           (every run)
-    .venv/bin/python benchmarks/road_ranking.py RUN_FOLDER [RUN_FOLDER ...]  (these runs)
+    .venv/bin/python -m benchmarks.road_ranking /work/runs/road100           (every run)
+    .venv/bin/python -m benchmarks.road_ranking RUN_FOLDER [RUN_FOLDER ...]  (these runs)
 
 One row per map: the run's own map (labelled by its folder: seed, paper, gradcam) and the
 centre and random baselines of the Grad-CAM run; deletion and insertion AUC and ROAD's
@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from pipeline.reports.tables import summary_table  # noqa: E402
 from pipeline.store.reader import RunFile  # noqa: E402
@@ -85,7 +84,7 @@ def main() -> None:
     keep += [f"rank_{m}" for m in RANKED]
     table[keep].to_csv(out, index=False)
     lines = [
-        "<!-- .venv/bin/python benchmarks/road_ranking.py "
+        "<!-- .venv/bin/python -m benchmarks.road_ranking "
         + " ".join(str(f) for f in folders)
         + " -->",
         "| map | images | deletion ↓ | insertion ↑ | ROAD MoRF ↓ | ROAD LeRF ↑ | ROAD gap ↑ "

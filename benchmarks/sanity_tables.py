@@ -3,7 +3,7 @@ benchmarks/sanity20.sh and writes benchmarks/results/sanity20_stages.csv,
 sanity20_repeatability.csv and sanity20.md, and copies each check's plot to
 benchmarks/results/sanity20_<name>.png.
 
-    .venv/bin/python benchmarks/sanity_tables.py /work/runs/sanity20
+    .venv/bin/python -m benchmarks.sanity_tables /work/runs/sanity20
 
 Per check (a folder NAME holding sanity_summary.csv, repeatability_summary.csv and its
 runs): the per-stage similarities with their 95% bootstrap intervals, the repeatability
@@ -19,10 +19,8 @@ from pathlib import Path
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from bench_resume import cpu_name  # noqa: E402
-
+from benchmarks.bench_resume import cpu_name  # noqa: E402
 from pipeline.commands.sanity import sanity_summary  # noqa: E402
 from pipeline.reports.pictures import sanity_figure  # noqa: E402
 from pipeline.reports.writer import save_figure  # noqa: E402

@@ -16,10 +16,7 @@ RUN_ARGS = f"--model {TINY} --size 32 --step 256 --workers 0 --quiet"  # the see
 
 
 def _quality():
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.quality")
 
 
 def test_sweep_tabulates_settings_against_the_centre(tmp_path, monkeypatch) -> None:
@@ -75,7 +72,7 @@ def test_sweep_tabulates_settings_against_the_centre(tmp_path, monkeypatch) -> N
     saved = pd.read_csv(tmp_path / "results" / "quality_t.csv")
     assert len(saved) == 4
     md = (tmp_path / "results" / "quality_t.md").read_text()
-    assert md.startswith("<!-- command: python benchmarks/quality.py") and "| seed |" in md
+    assert md.startswith("<!-- command: python -m benchmarks.quality") and "| seed |" in md
 
     again = quality.main(argv)  # finished runs are resumed with nothing to do
     pd.testing.assert_frame_equal(again, table)
@@ -126,11 +123,13 @@ def test_sigterm_to_the_sweep_stops_its_run_and_starts_no_other_setting(tmp_path
     for i in range(2):
         Image.new("RGB", (34, 30), (40 * i, 90, 90)).save(data / f"{i}.png")
     sweep = tmp_path / "sweep"
-    command = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), str(data.parent)]
+    command = [sys.executable, "-m", "benchmarks.quality", str(data.parent)]
     command += ["--out-root", str(sweep), "--settings", "seed,paper", "--tag", "t"]
     command += ["--run-args", RUN_ARGS + " --iterations 1000000", "--results", str(tmp_path)]
     environment = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    process = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, env=environment, cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 120
     while not (sweep / "t-seed" / "masks.h5").exists():  # the seed run is optimising
         assert process.poll() is None and time.monotonic() < deadline, "the run never started"

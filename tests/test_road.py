@@ -10,16 +10,11 @@ imputer needs numpy, scipy and torch only).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-import types
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+from benchmarks.road_reference import load_road_reference
 from pipeline.metrics.road import (
     ROAD_FRACTIONS,
     imputation_noise,
@@ -34,28 +29,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:Depre
 
 
 def _reference():
-    """grad-cam's road module, loaded without its package's __init__ (OpenCV, ttach)."""
-    spec = importlib.util.find_spec("pytorch_grad_cam")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("grad-cam is not installed (make install adds it, without dependencies)")
-    root = Path(spec.submodule_search_locations[0])
-    stub_cv2 = importlib.util.find_spec("cv2") is None
-    try:
-        if stub_cv2:
-            sys.modules["cv2"] = types.ModuleType("cv2")  # used by the Otsu threshold only
-        for name, folder in (
-            ("pytorch_grad_cam", root),
-            ("pytorch_grad_cam.metrics", root / "metrics"),
-        ):
-            package = types.ModuleType(name)
-            package.__path__ = [str(folder)]
-            sys.modules[name] = package
-        return importlib.import_module("pytorch_grad_cam.metrics.road")
-    finally:  # leave no stub behind (numpy, scipy and torch stay as they were imported)
-        for name in [n for n in sys.modules if n.split(".")[0] == "pytorch_grad_cam"]:
-            sys.modules.pop(name)
-        if stub_cv2:
-            sys.modules.pop("cv2", None)
+    """grad-cam's road module (benchmarks/road_reference.py), or a skip without grad-cam."""
+    module = load_road_reference()
+    if module is None:
+        pytest.skip("grad-cam is not installed (make references adds it, without dependencies)")
+    return module
 
 
 @pytest.fixture(scope="module")
