@@ -99,3 +99,35 @@ def test_grad_cam_default_layer_by_family() -> None:
     network = torch.nn.Sequential(torch.nn.Linear(3, 2))
     with pytest.raises(ValueError, match="no Conv2d"):
         default_layer(NormalizedClassifier(network, name="mlp"))
+
+
+def test_what_the_runner_reads_of_a_method_is_declared_on_it() -> None:
+    """Areas, the seed and the probe's short settings are Method's to say: the runner, the
+    batch loop, the comparisons and the sanity check read no settings field by name."""
+    from pathlib import Path
+
+    from pipeline.methods import get_method, method_names
+
+    for name in method_names():
+        method = get_method(name)
+        settings = method.default_settings
+        areas, seed = method.areas(settings), method.seed(settings)
+        assert areas is None or (len(areas) > 0 and all(0 < a < 1 for a in areas)), name
+        assert seed is None or isinstance(seed, int), name
+        short = method.shortened(settings, 2)
+        assert getattr(short, "iterations", 2) == 2, name
+    assert get_method("extremal").areas(get_method("extremal").default_settings) == (
+        0.025,
+        0.05,
+        0.1,
+        0.2,
+    )
+    assert get_method("gradcam").seed(get_method("gradcam").default_settings) is None
+    root = Path(__file__).resolve().parents[1] / "pipeline"
+    for path in root.rglob("*.py"):
+        if "methods" in path.relative_to(root).parts:
+            continue
+        text = path.read_text(encoding="utf-8")
+        for field in ("areas", "seed", "iterations"):
+            assert f'getattr(settings, "{field}"' not in text, (path, field)
+            assert f'hasattr(settings, "{field}"' not in text, (path, field)

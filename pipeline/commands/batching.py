@@ -40,7 +40,7 @@ def batch_probe(
     device: torch.device,
 ) -> Callable[[int], None]:
     """probe(batch): explain `batch` random images with two iterations (eager)."""
-    short = settings.replace(iterations=2) if hasattr(settings, "iterations") else settings
+    short = method.shortened(settings, 2)
     eager = probe_speed(speed)
 
     def probe(batch: int) -> None:
@@ -113,7 +113,7 @@ def explain_padded(
     least `pad_to` images by repeating the last one; the copies' rows are dropped. A mask
     does not depend on its batch neighbours beyond floating-point order."""
     count = len(keys)
-    seeds = image_seeds(getattr(settings, "seed", 0), keys)
+    seeds = image_seeds(method.seed(settings) or 0, keys)
     sizes = None if original_sizes is None else list(original_sizes)
     extra = max(0, pad_to - count)
     if extra:

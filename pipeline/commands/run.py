@@ -157,7 +157,7 @@ def _start(options, samples, layout, shard, masks_file, stop) -> tuple[_Job, lis
         randomise(network_of(model), options.randomised, options.randomisation_seed)
     model = model.to(device)
     settings = method.resolve_settings(options.mask_settings(), model)
-    areas = getattr(settings, "areas", None)  # a method with several masks per image
+    areas = method.areas(settings)  # a method with several masks per image
     if options.area is not None and (areas is None or not 0 <= options.area < len(areas)):
         count = "one mask" if areas is None else f"{len(areas)} areas"
         raise SettingsError(f"--area {options.area}: --method {options.method} makes {count}")

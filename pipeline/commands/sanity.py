@@ -174,7 +174,7 @@ def _repeat(options: SanityOptions, out: Path, k: int) -> Path:
     method = get_method(options.run.method)
     settings = options.run.mask_settings()
     overrides = dict(options.run.overrides)
-    seed = getattr(settings, "seed", None)
+    seed = method.seed(settings)
     if seed is not None:
         overrides["seed"] = int(seed) + k
     name = f"seed-{int(seed) + k}" if seed is not None else f"repeat-{k + 1}"

@@ -77,6 +77,22 @@ class Method:
         """Settings with anything that depends on the model filled in (e.g. a layer name)."""
         return settings
 
+    # What the runner reads of a method's settings, declared here with defaults, so that
+    # nothing outside a method's module reads its settings' fields by name.
+    def areas(self, settings: Any) -> tuple[float, ...] | None:
+        """The target areas of a method that makes one mask per area, else None."""
+        return None
+
+    def seed(self, settings: Any) -> int | None:
+        """The run seed that, with each image's key, seeds the image's randomness; None for
+        a method that draws no random numbers."""
+        return None
+
+    def shortened(self, settings: Any, iterations: int) -> Any:
+        """The settings with `iterations` optimisation steps (the batch-size probe);
+        unchanged for a method that does not iterate."""
+        return settings
+
     def explain(
         self,
         model: torch.nn.Module,

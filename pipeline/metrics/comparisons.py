@@ -91,7 +91,7 @@ def _method_comparison(name: str) -> Comparison:
 
     def maps(request: MapRequest) -> torch.Tensor:
         settings = method.resolve_settings(method.default_settings, request.model)
-        seeds = image_seeds(getattr(settings, "seed", 0), request.keys)
+        seeds = image_seeds(method.seed(settings) or 0, request.keys)
         columns = method.explain(request.model, request.images, request.targets, seeds, settings)
         return method.saliency(columns, settings, tuple(request.images.shape[-2:]))
 

@@ -64,6 +64,15 @@ class ExtremalPerturbation(Method):
             stored["temperature"] = stored.pop("smooth")
         return super().settings_from_dict(stored)
 
+    def areas(self, settings) -> tuple[float, ...]:
+        return tuple(settings.areas)
+
+    def seed(self, settings) -> int:
+        return settings.seed
+
+    def shortened(self, settings, iterations: int):
+        return settings.replace(iterations=iterations)
+
     def explain(
         self,
         model: torch.nn.Module,

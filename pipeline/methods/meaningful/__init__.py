@@ -65,6 +65,12 @@ class MeaningfulPerturbation(Method):
     }
     choices = {"perturbation": PERTURBATIONS, "game": GAMES}
 
+    def seed(self, settings) -> int:
+        return settings.seed
+
+    def shortened(self, settings, iterations: int):
+        return settings.replace(iterations=iterations)
+
     def explain(
         self,
         model: torch.nn.Module,
