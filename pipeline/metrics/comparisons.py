@@ -66,11 +66,6 @@ def register(comparison: Comparison) -> Comparison:
     return comparison
 
 
-def unregister(name: str) -> None:
-    """Remove a comparison added with `register` (tests that add their own)."""
-    _REGISTRY.pop(name, None)
-
-
 def comparison_names() -> tuple[str, ...]:
     """Every comparison, in the order reports list them: the registered ones, then the
     methods marked `comparison`."""
