@@ -330,15 +330,8 @@ class MaskStore:
     def _write_base(self) -> None:
         """Copy the whole file into the journal (BASE_PART), so that the journal covers every
         row the file holds before the next part is written: written aside, then renamed."""
-        parts = journal_dir(self.path)
-        parts.mkdir(parents=True, exist_ok=True)
-        temporary = parts / f".tmp-{BASE_PART}"
         self.file.flush()
-        shutil.copyfile(self.path, temporary)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        _reached("base-write")
-        os.replace(temporary, parts / BASE_PART)
+        _write_base_part(self.path, journal_dir(self.path))
 
     @classmethod
     def _rebuild(cls, path: Path, versions: dict) -> MaskStore:
@@ -769,6 +762,18 @@ def _journal_covers(parts: Path) -> bool:
     return bool(files) and files[0].name == f"part-{1:010d}.h5"
 
 
+def _write_base_part(source: Path, parts: Path) -> None:
+    """Copy the mask file `source` into the journal as its BASE_PART: copied under a
+    temporary name, fsynced, renamed, so the base is whole or absent."""
+    parts.mkdir(parents=True, exist_ok=True)
+    temporary = parts / f".tmp-{BASE_PART}"
+    shutil.copyfile(source, temporary)
+    with open(temporary, "rb+") as handle:
+        os.fsync(handle.fileno())
+    _reached("base-write")
+    os.replace(temporary, parts / BASE_PART)
+
+
 def _set_aside(path: Path, suffix: str) -> Path:
     """Move `path` to `path + suffix` (an earlier one of that name is replaced)."""
     aside = path.with_name(path.name + suffix)
@@ -873,8 +878,7 @@ def replace_columns(
         os.fsync(handle.fileno())
     parts = journal_dir(path)
     if _part_files(parts) or (parts / BASE_PART).exists():
-        shutil.copyfile(temporary, parts / f".tmp-{BASE_PART}")
-        os.replace(parts / f".tmp-{BASE_PART}", parts / BASE_PART)
+        _write_base_part(temporary, parts)
         for part in _part_files(parts):
             part.unlink()
     os.replace(temporary, path)
